@@ -1,0 +1,200 @@
+"""Typed dataclass configs that fill from YAML files, dicts and command-line flags alike.
+
+Each stage module defines its own ``@dataclass`` config. Fields carry ``metadata={"help": ...}``;
+validation lives in the dataclass's ``__post_init__`` and raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from rose_select.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, where: str):
+    """Convert a YAML/flag value to the annotated type, or raise a ConfigError quoting it."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where=where)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp is Path:
+        return Path(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, *, where: str | None = None) -> T:
+    """Build ``cls`` from a mapping; unknown keys are an error (typos must not pass silently)."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    """Plain JSON/YAML-able dict of a config (paths as strings)."""
+
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return conv(cfg)
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
+    """Load a config from YAML, then apply flag overrides (dotted keys allowed: ``warmup.epochs``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(cls, data, where=str(path))
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    from rose_select.io import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "") -> None:
+    """Add one ``--flag`` per (nested) field of ``cls``; values stay strings until ``from_dict``."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            add_arguments(parser, tp, prefix=f"{name}.")
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if help_text and default is not None and default != "":
+            help_text += f" (default: {default})"
+        parser.add_argument(flag, dest=name, default=None, help=help_text or None,
+                            metavar=name.split(".")[-1].upper())
+
+
+def flag_overrides(args: argparse.Namespace, cls, *, prefix: str = "") -> dict:
+    """The flags actually given on the command line, as a dotted-key dict."""
+    out = {}
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(flag_overrides(args, tp, prefix=f"{name}."))
+        elif getattr(args, name, None) is not None:
+            out[name] = getattr(args, name)
+    return out
+
+
+def nest(flat: dict) -> dict:
+    """Turn ``{"a.b": 1}`` into ``{"a": {"b": 1}}``."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def from_args(cls: type[T], args: argparse.Namespace, config_path: str | None = None) -> T:
+    """Config from an optional YAML file plus the given flags (flags win)."""
+    overrides = flag_overrides(args, cls)
+    if config_path:
+        return load_yaml(cls, config_path, overrides)
+    return from_dict(cls, nest(overrides))

@@ -1,0 +1,46 @@
+"""Domain exceptions. Every user-facing failure is a ``RoseError``; bad input is also a ``ValueError``."""
+
+from __future__ import annotations
+
+
+class RoseError(Exception):
+    """Base class for errors rose-select raises on purpose."""
+
+
+class DataError(RoseError, ValueError):
+    """A data file is malformed. Names the file, the line or record, and the field."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 record: str | None = None, field: str | None = None):
+        self.path, self.line, self.record, self.field = path, line, record, field
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if line is not None:
+            where.append(f"line {line}")
+        if record is not None:
+            where.append(f"record {record!r}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        self.problem = message
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+
+
+class ConfigError(RoseError, ValueError):
+    """A configuration value is invalid or a config file is malformed."""
+
+
+class StoreMismatchError(RoseError, ValueError):
+    """An existing artifact was written with other settings; we refuse to mix."""
+
+
+class CheckpointError(RoseError, ValueError):
+    """A checkpoint is missing something a stage needs (adapter, optimizer state, lr log)."""
+
+
+class ModelLoadError(RoseError, ValueError):
+    """A model or tokenizer cannot be found or loaded."""
+
+
+class NonFiniteError(RoseError, ValueError):
+    """A loss or gradient is NaN/inf; names the offending example ids."""

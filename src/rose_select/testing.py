@@ -1,0 +1,63 @@
+"""A tiny random Llama model and tokenizer built offline, for tests, benches and smoke runs.
+
+It is written to a directory and loaded back through the ordinary ``from_pretrained`` path, so
+tests exercise the same loading code as real models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, then knead.",
+    "<|user|>\nWhat is the capital of France?\n<|assistant|>\nParis is the capital of France.",
+    "Physics explains how the universe works; chemistry explains how matter reacts.",
+    "def add(a, b):\n    return a + b  # numbers 0123456789",
+    "I think the answer is yes, because the evidence points that way. No, it is not.",
+]
+
+
+def build_tiny_tokenizer(chat_template: bool = False):
+    """A byte-level BPE tokenizer trained in memory (no hub access). Every string encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = (
+            "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    return fast
+
+
+def build_tiny_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2,
+                     dtype=None):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def write_tiny_model_dir(path: str | Path, *, seed: int = 0, chat_template: bool = False, **kw) -> Path:
+    """Save a tiny random Llama + tokenizer to ``path`` (a normal HF model directory)."""
+    path = Path(path)
+    tok = build_tiny_tokenizer(chat_template=chat_template)
+    model = build_tiny_model(len(tok), seed=seed, **kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
