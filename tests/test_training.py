@@ -1,0 +1,146 @@
+"""Warm-up / final LoRA training on the tiny model: checkpoint format, lr weights, exact resume,
+parameters change, and the training loss is the featurizer's SFT loss."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rose_select import modeling
+from rose_select.errors import ConfigError, StoreMismatchError
+from rose_select.modeling import LoraSettings
+from rose_select.tokenization import TokenizeConfig
+from rose_select.training import (TrainConfig, WarmupConfig, choose_subset, epoch_batches, linear_schedule_lr,
+                                  run_train, run_warmup, steps_per_epoch)
+
+WORDS = "the quick brown fox jumps over lazy dog bread flour water salt yeast paris france".split()
+
+
+def write_pool(path, n=40):
+    rows = []
+    for i in range(n):
+        q = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(4))
+        a = " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(3 + i % 4))
+        rows.append({"id": f"ex{i}", "messages": [{"role": "user", "content": f"What about {q}?"},
+                                                  {"role": "assistant", "content": a}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def small_cfg(cls, model_dir, tmp_path, **kw):
+    base = dict(model=str(model_dir), data=str(write_pool(tmp_path / "pool.jsonl")),
+                lora=LoraSettings(r=4, alpha=8, dropout=0.1), tokenize=TokenizeConfig(max_length=64),
+                epochs=2, lr=1e-2, batch_size=2, grad_accum=2, device="cpu", output=str(tmp_path / "run"))
+    base.update(kw)
+    return cls(**base)
+
+
+def adapter_tensors(d):
+    return {modeling.canonical_name(k): v for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
+
+
+def test_schedule_helpers():
+    assert steps_per_epoch(10, 2, 2) == 3
+    lrs = [linear_schedule_lr(s, 10, 1, 1.0) for s in range(10)]
+    assert lrs[0] == 0.0 and lrs[1] == 1.0 and lrs[-1] == pytest.approx(1 / 9)
+    steps = epoch_batches(10, 2, 2, seed=0, epoch=1)
+    assert sorted(i for st in steps for mb in st for i in mb) == list(range(10))
+    assert steps == epoch_batches(10, 2, 2, seed=0, epoch=1) != epoch_batches(10, 2, 2, seed=0, epoch=2)
+    assert choose_subset(40, 0.25, 3) == choose_subset(40, 0.25, 3) and len(choose_subset(40, 0.25, 3)) == 10
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="one of"):
+        TrainConfig(selection="x.jsonl", fraction=0.1)
+    assert WarmupConfig().fraction == 0.05 and WarmupConfig().save_every_epoch
+
+
+def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
+    cfg = small_cfg(WarmupConfig, tiny_model_dir, tmp_path, fraction=0.25)
+    run = run_warmup(cfg)
+    ids = json.loads((run / "warmup_ids.json").read_text())["ids"]
+    assert len(ids) == 10
+    for e in (1, 2):
+        ck = run / f"ckpt-{e}"
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer_state.safetensors",
+                "trainer_state.json"} <= {p.name for p in ck.iterdir()}
+        assert json.loads((ck / "trainer_state.json").read_text())["step"] == 3 * e
+    # Adam moments load by canonical name, shapes match the LoRA parameters
+    model = modeling.load_adapter(modeling.load_model(str(tiny_model_dir)), run / "ckpt-2")
+    params = modeling.lora_parameters(model)
+    moments, meta = modeling.load_optimizer_state(run / "ckpt-2", list(params))
+    assert meta["step"] == "6" and float(meta["eps"]) == 1e-8
+    for name, p in params.items():
+        m, v = moments[name]
+        assert m.shape == v.shape == p.shape and (v >= 0).all()
+    log = json.loads((run / "lr_log.json").read_text())
+    assert len(log["steps"]) == 6 and len(log["checkpoint_weights"]) == 2
+    assert sum(log["checkpoint_weights"]) == pytest.approx(1.0)
+    # resume: drop the last checkpoint, rerun, same result as uninterrupted
+    full = adapter_tensors(run / "ckpt-2")
+    full_opt = load_file(str(run / "ckpt-2" / "optimizer_state.safetensors"))
+    shutil.rmtree(run / "ckpt-2")
+    run_warmup(cfg)
+    resumed = adapter_tensors(run / "ckpt-2")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-6, atol=1e-7)
+    for k, v in load_file(str(run / "ckpt-2" / "optimizer_state.safetensors")).items():
+        torch.testing.assert_close(v, full_opt[k], rtol=1e-6, atol=1e-9)
+    assert json.loads((run / "lr_log.json").read_text()) == log
+    # other settings in the same dir are refused
+    with pytest.raises(StoreMismatchError, match="lr"):
+        run_warmup(small_cfg(WarmupConfig, tiny_model_dir, tmp_path, fraction=0.25, lr=5e-3))
+
+
+def test_final_training_changes_adapter(tiny_model_dir, tmp_path):
+    cfg = small_cfg(TrainConfig, tiny_model_dir, tmp_path, fraction=0.25, epochs=1)
+    run = run_train(cfg)
+    trained = adapter_tensors(run / "adapter")
+    torch.manual_seed(cfg.seed)
+    fresh = modeling.lora_parameters(modeling.attach_lora(modeling.load_model(str(tiny_model_dir)), cfg.lora))
+    assert trained.keys() == fresh.keys()
+    assert any(not torch.equal(trained[k], fresh[k].detach()) for k in trained if ".lora_A." in k)
+    for k in trained:
+        if ".lora_B." in k:
+            assert fresh[k].abs().max() == 0 and trained[k].abs().max() > 0
+    log = json.loads((run / "train_log.json").read_text())
+    assert len(log["steps"]) == 3 and all("loss" in s for s in log["steps"])
+
+
+def test_selection_file_training(tiny_model_dir, tmp_path):
+    sel = tmp_path / "selected.jsonl"
+    rows = [json.loads(line) for line in write_pool(tmp_path / "p.jsonl", 6).read_text().splitlines()]
+    sel.write_text("".join(json.dumps({**r, "score": 0.5}) + "\n" for r in rows))
+    cfg = small_cfg(TrainConfig, tiny_model_dir, tmp_path, selection=str(sel), epochs=1, data="")
+    run = run_train(cfg)
+    assert (run / "adapter" / "adapter_config.json").exists()
+    assert len(json.loads((run / "train_log.json").read_text())["steps"]) == 2
+
+
+def test_training_loss_is_featurizer_sft_loss(tiny_model_dir, tmp_path):
+    from rose_select import data
+    from rose_select.losses import sft_loss_per_example
+    from rose_select.tokenization import collate, encode_record
+
+    # one step over the whole (5-example) subset, no dropout: the logged loss is the mean per-example
+    # response-token CE of the initial model (LoRA B = 0, so the base model)
+    cfg = small_cfg(TrainConfig, tiny_model_dir, tmp_path, fraction=0.125, epochs=1, batch_size=2, grad_accum=3,
+                    lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    run = run_train(cfg)
+    pool = data.load_pool(cfg.data)
+    chosen = [pool[i] for i in choose_subset(len(pool), 0.125, cfg.seed)]
+    model, tok = modeling.load_model(str(tiny_model_dir)), modeling.load_tokenizer(str(tiny_model_dir))
+    b = collate([encode_record(r, tok, cfg.tokenize) for r in chosen], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+    expected = sft_loss_per_example(logits, b["labels"]).mean().item()
+    steps = json.loads((run / "train_log.json").read_text())["steps"]
+    assert len(steps) == 1
+    assert steps[0]["loss"] == pytest.approx(expected, rel=1e-5)
