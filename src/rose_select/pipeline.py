@@ -1,0 +1,345 @@
+"""``rose run``: warm-up -> featurize -> select -> train -> evaluate, resumable stage by stage.
+
+Each stage's resolved config (plus the fingerprints of its inputs) is hashed; ``stages.json``
+records the hash a stage started with and whether it finished. A rerun skips finished stages
+whose hash is unchanged, resumes unfinished ones (stages resume internally: warm-up from its
+last checkpoint, featurization from its done-mask) and redoes, from scratch, stages whose
+settings changed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rose_select.config import to_dict
+from rose_select.errors import ConfigError
+from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
+from rose_select.modeling import LoraSettings
+from rose_select.tokenization import TokenizeConfig
+
+BUILTIN = "builtin:"
+STAGE_ORDER = ("warmup", "featurize", "select", "train", "evaluate", "report")
+
+
+@dataclass
+class WarmupSection:
+    fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
+    epochs: int = field(default=4, metadata={"help": "warm-up epochs (one checkpoint each)"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
+    grad_accum: int = field(default=32, metadata={"help": "micro-batches per step"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear lr warm-up fraction"})
+
+
+@dataclass
+class FeaturizeSection:
+    projection: str = field(default="sjlt", metadata={"help": "none | rademacher | sjlt"})
+    dim: int = field(default=8192, metadata={"help": "projection dimension"})
+    seed: int = field(default=0, metadata={"help": "projection seed"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
+    dtype: str = field(default="float16", metadata={"help": "feature storage dtype"})
+    ref: str = field(default="base", metadata={"help": "pairwise reference model: base | self | PATH"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta"})
+    checkpoints: list[int] | None = field(default=None, metadata={"help": "warm-up epochs to use (default: all)"})
+
+
+@dataclass
+class SelectSection:
+    methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"], metadata={"help": "methods to compare"})
+    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
+    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
+    rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last"})
+    knn_k: int = field(default=10, metadata={"help": "shapley: K"})
+    damping: float = field(default=0.1, metadata={"help": "influence: damping"})
+
+
+@dataclass
+class TrainSection:
+    epochs: int = field(default=4, metadata={"help": "final training epochs"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
+    grad_accum: int = field(default=32, metadata={"help": "micro-batches per step"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear lr warm-up fraction"})
+
+
+@dataclass
+class EvaluateSection:
+    heldout: str | None = field(default=None, metadata={"help": "preference file to hold pairs out of (default: the largest-shot sibling of validation)"})
+    limit_per_subtask: int | None = field(default=None, metadata={"help": "held-out triples per subtask (None: all)"})
+    test_prompts: str | None = field(default=None, metadata={"help": "test prompt dir/file with golden answers (optional)"})
+    judge: str | None = field(default=None, metadata={"help": "reward model or judge LM for win rates (optional)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "generation length for judged answers"})
+    beta: float = field(default=0.1, metadata={"help": "beta of the implicit reward"})
+    batch_size: int = field(default=8, metadata={"help": "evaluation batch size"})
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = field(default="runs/demo", metadata={"help": "run directory"})
+    model: str = field(default="smollm2-135m", metadata={"help": "base model (HF id, local dir, or smollm2-135m)"})
+    pool: str = field(default=f"{BUILTIN}pool/sharegpt_demo.jsonl", metadata={"help": "instruction pool (path or builtin:...)"})
+    pool_format: str = field(default="auto", metadata={"help": "pool format"})
+    pool_limit: int | None = field(default=None, metadata={"help": "use the first N pool records"})
+    validation: str = field(default=f"{BUILTIN}rose_data/shp_5_shot_preference.json", metadata={"help": "target-task preference file"})
+    num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
+    seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    warmup: WarmupSection = field(default_factory=WarmupSection)
+    featurize: FeaturizeSection = field(default_factory=FeaturizeSection)
+    select: SelectSection = field(default_factory=SelectSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def __post_init__(self):
+        from rose_select.selectors import METHODS
+
+        bad = [m for m in self.select.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"select.methods: unknown {bad}; known: {list(METHODS)}")
+        if not self.select.methods:
+            raise ConfigError("select.methods must name at least one method")
+
+
+def resolve_input(path: str) -> str:
+    """``builtin:REL`` -> the file shipped in ``rose_select/assets/REL``; anything else unchanged."""
+    if not path.startswith(BUILTIN):
+        return path
+    from importlib import resources
+
+    target = Path(str(resources.files("rose_select").joinpath("assets", path[len(BUILTIN):])))
+    if not target.exists():
+        raise ConfigError(f"no built-in file {path!r} (looked at {target})")
+    return str(target)
+
+
+# ------------------------------------------------------------------------------------- stage bookkeeping
+
+class StageLedger:
+    """stages.json: the fingerprint each stage started with and whether it finished."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        self.state = read_json(self.path) if self.path.exists() else {}
+
+    def run(self, key: str, fingerprint: str, outputs: list[Path], fn):
+        entry = self.state.get(key)
+        if entry and entry["fingerprint"] == fingerprint and entry["done"] and all(p.exists() for p in outputs):
+            print(f"[rose run] {key}: done before, skipped")
+            return entry.get("result")
+        if entry and entry["fingerprint"] != fingerprint:
+            print(f"[rose run] {key}: settings changed, redoing")
+            for p in outputs:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        self._set(key, {"fingerprint": fingerprint, "done": False})
+        t0 = time.perf_counter()
+        result = fn()
+        self._set(key, {"fingerprint": fingerprint, "done": True, "seconds": round(time.perf_counter() - t0, 1),
+                        "result": result})
+        return result
+
+    def _set(self, key, value):
+        self.state[key] = value
+        write_json(self.path, self.state)
+
+
+def _fp(*parts) -> str:
+    return sha256_json([to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts])[:16]
+
+
+# ------------------------------------------------------------------------------------- stages
+
+def _stage_configs(cfg: RunConfig, run: Path, pool: str, validation: str):
+    from rose_select.training import TrainConfig, WarmupConfig
+
+    w = cfg.warmup
+    warm = WarmupConfig(model=cfg.model, lora=cfg.lora, tokenize=cfg.tokenize, data=pool, data_format=cfg.pool_format,
+                        limit=cfg.pool_limit, fraction=w.fraction, epochs=w.epochs, lr=w.lr, batch_size=w.batch_size,
+                        grad_accum=w.grad_accum, warmup_ratio=w.warmup_ratio, seed=cfg.seed, device=cfg.device,
+                        output=str(run / "warmup"))
+    t = cfg.train
+    train = TrainConfig(model=cfg.model, lora=cfg.lora, tokenize=cfg.tokenize, data=pool, data_format=cfg.pool_format,
+                        limit=cfg.pool_limit, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                        warmup_ratio=t.warmup_ratio, seed=cfg.seed, device=cfg.device, full=True,
+                        output=str(run / "train"))
+    return warm, train
+
+
+def _featurize_jobs(cfg: RunConfig, run: Path, pool: str, validation: str, ckpts: list[Path]):
+    """(key, FeaturizeConfig) for every store the chosen methods need."""
+    from rose_select.featurize import FeaturizeConfig
+
+    f, methods = cfg.featurize, set(cfg.select.methods)
+    common = dict(model=cfg.model, lora=cfg.lora, projection=f.projection, dim=f.dim, seed=f.seed,
+                  batch_size=f.batch_size, max_length=cfg.tokenize.max_length, template=cfg.tokenize.template,
+                  dtype=f.dtype, device=cfg.device)
+    jobs = []
+    for ck in ckpts:
+        base = run / "features" / ck.name
+        if methods & {"rose", "less", "influence", "shapley"}:
+            jobs.append((f"featurize/{ck.name}/pool", FeaturizeConfig(
+                **common, checkpoint=str(ck), data=pool, data_kind="pool", data_format=cfg.pool_format,
+                limit=cfg.pool_limit, loss="sft", adam=True, output=str(base / "pool"))))
+        if methods & {"rose", "influence", "shapley"}:
+            jobs.append((f"featurize/{ck.name}/val_pairwise", FeaturizeConfig(
+                **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="pairwise",
+                adam=False, beta=f.beta, ref=f.ref, output=str(base / "val_pairwise"))))
+        if "less" in methods:
+            jobs.append((f"featurize/{ck.name}/val_sft", FeaturizeConfig(
+                **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="sft_chosen",
+                adam=False, output=str(base / "val_sft"))))
+    return jobs
+
+
+def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
+    ckpts = sorted(warm_dir.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
+    if cfg.featurize.checkpoints:
+        wanted = set(cfg.featurize.checkpoints)
+        ckpts = [c for c in ckpts if int(c.name.split("-")[1]) in wanted]
+        if len(ckpts) != len(wanted):
+            raise ConfigError(f"featurize.checkpoints {sorted(wanted)}: warm-up has {[c.name for c in ckpts]}")
+    if not ckpts:
+        raise ConfigError(f"{warm_dir}: no warm-up checkpoints")
+    return ckpts
+
+
+def _select_config(cfg: RunConfig, run: Path, method: str, pool: str, validation: str, ckpts: list[Path]):
+    from rose_select.selectors import SelectConfig
+
+    s = cfg.select
+    feats = run / "features"
+    val_kind = "val_sft" if method == "less" else "val_pairwise"
+    grad = method in ("rose", "less", "influence", "shapley")
+    weights = None
+    if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
+        log = read_json(run / "warmup" / "lr_log.json")
+        weights = [log["epoch_mean_lr"][int(c.name.split("-")[1]) - 1] for c in ckpts]
+    return SelectConfig(
+        method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
+        num_subtasks=cfg.num_subtasks,
+        pool_features=[str(feats / c.name / "pool") for c in ckpts] if grad else [],
+        val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
+        warmup_dir=str(run / "warmup") if grad else None, checkpoint_weights=weights,
+        reduce=s.reduce, fraction=s.fraction, seed=cfg.seed, model=cfg.model,
+        adapter=str(ckpts[-1]) if method == "rds" else None, rds_pooling=s.rds_pooling,
+        max_length=cfg.tokenize.max_length, batch_size=cfg.featurize.batch_size, damping=s.damping,
+        knn_k=s.knn_k, device="cpu" if cfg.device == "auto" else cfg.device, output=str(run / "select" / method))
+
+
+def heldout_triples(cfg: RunConfig, validation: str):
+    """Held-out pairs: the larger-shot file minus every prompt used for selection (deterministic)."""
+    from rose_select.data import find_heldout_file, heldout_pairs, load_preferences
+
+    kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
+    source = resolve_input(cfg.evaluate.heldout) if cfg.evaluate.heldout else str(find_heldout_file(validation))
+    triples = heldout_pairs(load_preferences(source, **kw), load_preferences(validation, **kw))
+    n = cfg.evaluate.limit_per_subtask
+    if n:
+        seen: dict[str, int] = {}
+        kept = []
+        for t in triples:
+            seen[t.subtask] = seen.get(t.subtask, 0) + 1
+            if seen[t.subtask] <= n:
+                kept.append(t)
+        triples = kept
+    if not triples:
+        raise ConfigError(f"no held-out pairs: every prompt of {source} is used for selection")
+    return source, triples
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    """The whole pipeline; returns the run directory (with report.md)."""
+    from rose_select.config import save_yaml
+    from rose_select.evaluation import EvalConfig, run_evaluate
+    from rose_select.featurize import run_featurize
+    from rose_select.selectors import run_select
+    from rose_select.training import run_train, run_warmup
+
+    run = Path(cfg.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run / "config.yaml")
+    pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
+    data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
+    ledger = StageLedger(run)
+    warm_cfg, train_cfg = _stage_configs(cfg, run, pool, validation)
+    fp_warm = _fp(warm_cfg, data_fp)
+    ledger.run("warmup", fp_warm, [run / "warmup"], lambda: str(run_warmup(warm_cfg)))
+    ckpts = _checkpoints(cfg, run / "warmup")
+    for key, fcfg in _featurize_jobs(cfg, run, pool, validation, ckpts):
+        ledger.run(key, _fp(fcfg, fp_warm), [Path(fcfg.output)], lambda c=fcfg: str(run_featurize(c)))
+    fp_feat = _fp(cfg.featurize, fp_warm)
+    for method in cfg.select.methods:
+        scfg = _select_config(cfg, run, method, pool, validation, ckpts)
+        ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
+    heldout_source, triples = heldout_triples(cfg, validation)
+    e = cfg.evaluate
+    eval_common = dict(model=cfg.model, beta=e.beta, batch_size=e.batch_size, max_length=cfg.tokenize.max_length,
+                       template=cfg.tokenize.template, test_prompts=e.test_prompts, judge=e.judge,
+                       max_new_tokens=e.max_new_tokens, device=cfg.device)
+    fp_eval = _fp(e, data_fp, [t.id for t in triples])
+    base_eval = EvalConfig(**eval_common, output=str(run / "eval" / "base"))
+    ledger.run("evaluate/base", _fp(base_eval, fp_eval), [run / "eval" / "base"],
+               lambda: str(run_evaluate(base_eval, triples=triples)))
+    for method in cfg.select.methods:
+        sel = run / "select" / method / "selected.jsonl"
+        tcfg = replace(train_cfg, full=False, selection=str(sel), output=str(run / "train" / method))
+        fp_train = _fp(tcfg, ledger.state[f"select/{method}"]["fingerprint"])
+        ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+        ecfg = EvalConfig(**eval_common, adapter=str(Path(tcfg.output) / "adapter"), output=str(run / "eval" / method))
+        ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
+                   lambda c=ecfg: str(run_evaluate(c, triples=triples)))
+    table = write_report(cfg, run, heldout_source, len(triples), ledger)
+    print(table)
+    return run
+
+
+# ------------------------------------------------------------------------------------- report
+
+REPORT_METRICS = ("rewards/accuracies", "rewards/margins", "logps/accuracy", "loss/pairwise", "loss/sft")
+
+
+def summary_rows(run: Path, methods: list[str]) -> list[dict]:
+    rows = []
+    for name in ["base", *methods]:
+        m = read_json(run / "eval" / name / "metrics.json")["overall"]
+        n_sel = "-" if name == "base" else read_json(run / "select" / name / "summary.json")["n_selected"]
+        rows.append({"method": name, "n_train": n_sel, **{k: m.get(k) for k in REPORT_METRICS}})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:
+    from rose_select import plots
+    from rose_select.selection import overlap_table, read_selection
+
+    methods = cfg.select.methods
+    rows = summary_rows(run, methods)
+    table = markdown(rows)
+    sels = {m: read_selection(run / "select" / m) for m in methods if m != "full"}
+    matrix, overlap_md = overlap_table(sels) if len(sels) > 1 else (None, "(one method)")
+    plots.line_plot(list(range(len(rows))), {"rewards/accuracies": [r["rewards/accuracies"] for r in rows]},
+                    "method index (" + ", ".join(r["method"] for r in rows) + ")", "held-out preference accuracy",
+                    "held-out preference accuracy per method", run / "accuracy.png")
+    if matrix is not None:
+        plots.overlap_heatmap(matrix, list(sels), run / "overlap.png")
+    timing = {k: v.get("seconds") for k, v in ledger.state.items()}
+    write_json(run / "results.json", {"rows": rows, "heldout_source": heldout_source, "n_heldout": n_heldout,
+                                      "stage_seconds": timing})
+    report = (f"# rose run: {run}\n\nmodel `{cfg.model}`, pool `{cfg.pool}`, target `{cfg.validation}`; "
+              f"{n_heldout} held-out pairs from `{Path(heldout_source).name}` (prompts used for selection removed).\n\n"
+              f"## Held-out preference metrics (implicit reward vs the base model)\n\n{table}\n\n"
+              f"## Selection overlap (Jaccard)\n\n{overlap_md}\n\n"
+              f"## Stage times (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timing.items()) + "\n")
+    write_text(run / "report.md", report)
+    return table

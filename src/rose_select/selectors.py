@@ -1,0 +1,232 @@
+"""The select stage: every method of the paper behind one config and one function.
+
+Gradient methods (rose, less, influence, shapley) read feature stores written by ``rose featurize``;
+text methods (random, bm25, dsir) read only the data; ``rds`` embeds texts with the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rose_select.errors import ConfigError
+
+METHODS = ("rose", "less", "random", "bm25", "rds", "dsir", "influence", "shapley", "full")
+GRADIENT_METHODS = ("rose", "less", "influence", "shapley")
+
+
+@dataclass
+class SelectConfig:
+    method: str = field(default="rose", metadata={"help": "|".join(METHODS)})
+    pool: str = field(default="", metadata={"help": "instruction pool file"})
+    pool_format: str = field(default="auto", metadata={"help": "pool format (auto|messages|alpaca|sharegpt|...)"})
+    pool_limit: int | None = field(default=None, metadata={"help": "use only the first N pool records"})
+    validation: str = field(default="", metadata={"help": "validation preference file (the target task)"})
+    num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of a contiguous preference file"})
+    pool_features: list[str] = field(default_factory=list, metadata={"help": "pool feature stores, one per checkpoint"})
+    val_features: list[str] = field(default_factory=list, metadata={"help": "validation feature stores, one per checkpoint (pairwise for rose, sft_chosen for less)"})
+    warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its lr_log.json gives checkpoint weights"})
+    checkpoint_weights: list[float] | None = field(default=None, metadata={"help": "override the checkpoint weights"})
+    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
+    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
+    count: int | None = field(default=None, metadata={"help": "number to select (overrides fraction)"})
+    quotas: dict | None = field(default=None, metadata={"help": "per-source quotas {source: fraction or count} (YAML)"})
+    seed: int = field(default=0, metadata={"help": "seed (random, dsir)"})
+    model: str = field(default="smollm2-135m", metadata={"help": "model for rds"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter for rds (optional)"})
+    rds_pooling: str = field(default="mean", metadata={"help": "mean | last token"})
+    max_length: int = field(default=512, metadata={"help": "max tokens for rds embeddings"})
+    batch_size: int = field(default=8, metadata={"help": "batch size for rds embeddings"})
+    damping: float = field(default=0.1, metadata={"help": "influence: damping as a fraction of the mean diagonal"})
+    knn_k: int = field(default=10, metadata={"help": "shapley: K of KNN-Shapley"})
+    device: str = field(default="cpu", metadata={"help": "device for rds"})
+    output: str = field(default="select", metadata={"help": "output directory"})
+    plots: bool = field(default=True, metadata={"help": "write PNG plots"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.reduce not in ("max", "mean"):
+            raise ConfigError(f"reduce must be max|mean, got {self.reduce!r}")
+        if self.count is None and not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.rds_pooling not in ("mean", "last"):
+            raise ConfigError(f"rds_pooling must be mean|last, got {self.rds_pooling!r}")
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def record_text(rec) -> str:
+    return "\n".join(m.content for m in rec.messages)
+
+
+def triple_text(t) -> str:
+    return "\n".join([m.content for m in t.prompt] + [t.chosen])
+
+
+def lr_weights(cfg: SelectConfig, n_checkpoints: int) -> np.ndarray:
+    """Checkpoint weights: the override, else the warm-up's mean lr per epoch, else uniform."""
+    from rose_select.scoring import checkpoint_weights
+
+    if cfg.checkpoint_weights:
+        if len(cfg.checkpoint_weights) != n_checkpoints:
+            raise ConfigError(f"{len(cfg.checkpoint_weights)} checkpoint weights for {n_checkpoints} checkpoints")
+        return checkpoint_weights(cfg.checkpoint_weights)
+    if cfg.warmup_dir:
+        from rose_select.io import read_json
+
+        log = read_json(Path(cfg.warmup_dir) / "lr_log.json")
+        lrs = log["epoch_mean_lr"]
+        ckpts = log.get("checkpoint_epochs") or list(range(1, len(lrs) + 1))
+        if len(ckpts) != n_checkpoints and len(lrs) >= n_checkpoints:
+            lrs = lrs[-n_checkpoints:]
+        return checkpoint_weights(lrs[:n_checkpoints])
+    return np.full(n_checkpoints, 1.0 / n_checkpoints)
+
+
+def _need_features(cfg: SelectConfig):
+    if not cfg.pool_features or not cfg.val_features:
+        raise ConfigError(f"method {cfg.method!r} needs pool_features and val_features (feature stores)")
+    if len(cfg.pool_features) != len(cfg.val_features):
+        raise ConfigError(f"{len(cfg.pool_features)} pool stores but {len(cfg.val_features)} validation stores")
+
+
+def representations(model, tokenizer, encodings, *, pooling: str, batch_size: int, device: str) -> np.ndarray:
+    """Final-layer hidden states, mean-pooled over real tokens or taken at the last token (RDS)."""
+    import torch
+
+    from rose_select.tokenization import collate
+
+    out = []
+    model.eval()
+    for i in range(0, len(encodings), batch_size):
+        batch = collate(encodings[i:i + batch_size], tokenizer.pad_token_id, padding_side="right")
+        batch.pop("labels")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            h = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        if pooling == "mean":
+            out.append(((h * mask).sum(1) / mask.sum(1)).cpu().numpy())
+        else:
+            last = batch["attention_mask"].sum(1) - 1
+            out.append(h[torch.arange(h.shape[0]), last].cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------- methods
+
+def _scores_gradient(cfg, pool, triples):
+    """rose / less: the same streamed cosine score; the stores decide which loss it is."""
+    from rose_select.scoring import score_stores
+
+    _need_features(cfg)
+    w = lr_weights(cfg, len(cfg.pool_features))
+    result, ids = score_stores(cfg.pool_features, cfg.val_features, w, reduce=cfg.reduce)
+    if ids != [r.id for r in pool]:
+        raise ConfigError(f"pool store rows do not match the pool file {cfg.pool} (featurize it again)")
+    return result.scores, result.per_group, result.group_names, {"checkpoint_weights": w.tolist()}
+
+
+def _scores_influence(cfg, pool, triples):
+    from rose_select.baselines import influence_scores
+    from rose_select.scoring import load_store_features
+
+    _need_features(cfg)
+    w = lr_weights(cfg, len(cfg.pool_features))
+    total = np.zeros(len(pool))
+    for wi, p, v in zip(w, cfg.pool_features, cfg.val_features):
+        total += wi * influence_scores(load_store_features(p).features, load_store_features(v).features,
+                                       damping=cfg.damping)
+    return total, None, None, {"checkpoint_weights": w.tolist(), "damping": cfg.damping}
+
+
+def _scores_shapley(cfg, pool, triples):
+    from rose_select.baselines import knn_shapley
+    from rose_select.scoring import load_store_features
+
+    _need_features(cfg)
+    w = lr_weights(cfg, len(cfg.pool_features))
+    total = np.zeros(len(pool))
+    for wi, p, v in zip(w, cfg.pool_features, cfg.val_features):
+        total += wi * knn_shapley(load_store_features(p).features, load_store_features(v).features, k=cfg.knn_k)
+    return total, None, None, {"checkpoint_weights": w.tolist(), "k": cfg.knn_k}
+
+
+def _scores_rds(cfg, pool, triples):
+    from rose_select.baselines import rds_scores
+    from rose_select.modeling import load_adapter, load_model, load_tokenizer
+    from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record
+    from rose_select.records import Message
+
+    model, tok = load_model(cfg.model, device=cfg.device), load_tokenizer(cfg.model)
+    if cfg.adapter:
+        model = load_adapter(model, cfg.adapter, trainable=False)
+    tcfg = TokenizeConfig(max_length=cfg.max_length)
+    pool_enc = [encode_record(r, tok, tcfg) for r in pool]
+    val_enc = [encode_messages(list(t.prompt) + [Message("assistant", t.chosen)], tok, tcfg, record=t.id, pair=True)
+               for t in triples]
+    kw = dict(pooling=cfg.rds_pooling, batch_size=cfg.batch_size, device=cfg.device)
+    pe, ve = representations(model, tok, pool_enc, **kw), representations(model, tok, val_enc, **kw)
+    return rds_scores(pe, ve, [t.subtask for t in triples], reduce=cfg.reduce), None, None, {"pooling": cfg.rds_pooling}
+
+
+def _scores_text(cfg, pool, triples):
+    from rose_select import baselines as B
+
+    if cfg.method == "random":
+        return B.random_scores(len(pool), cfg.seed), None, None, {"seed": cfg.seed}
+    pool_texts, val_texts = [record_text(r) for r in pool], [triple_text(t) for t in triples]
+    if cfg.method == "bm25":
+        return B.bm25_scores(pool_texts, val_texts), None, None, {}
+    return B.dsir_scores(pool_texts, val_texts, seed=cfg.seed), None, None, {"seed": cfg.seed}
+
+
+SCORERS = {"rose": _scores_gradient, "less": _scores_gradient, "influence": _scores_influence,
+           "shapley": _scores_shapley, "rds": _scores_rds, "random": _scores_text,
+           "bm25": _scores_text, "dsir": _scores_text}
+
+
+def run_select(cfg: SelectConfig) -> Path:
+    """Score the pool with ``cfg.method`` and write the selection directory."""
+    from rose_select.data import load_pool, load_preferences
+    from rose_select.selection import select_top, write_selection
+
+    if not cfg.pool:
+        raise ConfigError("select needs a pool file (--pool)")
+    pool = load_pool(cfg.pool, format=cfg.pool_format, limit=cfg.pool_limit)
+    if cfg.method == "full":
+        scores, per_group, names, extra = np.zeros(len(pool)), None, None, {}
+        idx = np.arange(len(pool))
+    else:
+        if not cfg.validation:
+            raise ConfigError(f"method {cfg.method!r} needs a validation preference file (--validation)")
+        kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
+        triples = load_preferences(cfg.validation, **kw)
+        scores, per_group, names, extra = SCORERS[cfg.method](cfg, pool, triples)
+        idx = select_top(scores, fraction=cfg.fraction, count=cfg.count, ids=[r.id for r in pool],
+                         sources=[r.source for r in pool], quotas=cfg.quotas)
+    write_selection(cfg.output, pool, scores, idx, per_group=per_group, group_names=names,
+                    method=cfg.method, extra=extra, plots=cfg.plots)
+    return Path(cfg.output)
+
+
+# ------------------------------------------------------------------------------------- CLI hooks
+
+def add_cli_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compare", nargs="+", metavar="SELECTION",
+                        help="print the Jaccard overlap table of selection directories and exit")
+
+
+def handle_cli(command: str, args) -> int | None:
+    if not args.compare:
+        return None
+    from rose_select.selection import overlap_table, read_selection
+
+    sels = {Path(p).name if Path(p).is_dir() else p: read_selection(p) for p in args.compare}
+    _, table = overlap_table(sels)
+    print(table)
+    return 0

@@ -1,0 +1,86 @@
+"""End to end on the tiny model: warm-up -> featurize -> select -> train -> evaluate, then resume."""
+
+import json
+
+import pytest
+
+from rose_select.config import from_dict, load_yaml
+from rose_select.errors import ConfigError
+from rose_select.pipeline import RunConfig, run_pipeline
+
+
+def _write_inputs(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    with open(pool, "w") as f:
+        for i in range(40):
+            topic = ["bread", "physics", "law", "cats"][i % 4]
+            f.write(json.dumps({"dataset": f"src{i % 2}", "id": f"p{i}", "messages": [
+                {"role": "user", "content": f"Tell me about {topic} number {i}."},
+                {"role": "assistant", "content": f"Here is a fact about {topic}: it is item {i}."}]}) + "\n")
+    val = tmp_path / "val.jsonl"
+    with open(val, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"prompt": f"Question {i} about bread?", "chosen": "Use good flour and water.",
+                                "rejected": "No idea.", "subtask": ["baking", "science"][i % 2]}) + "\n")
+    held = tmp_path / "held.jsonl"
+    with open(held, "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"prompt": f"Question {i} about bread?", "chosen": "Knead the dough well.",
+                                "rejected": "Never.", "subtask": ["baking", "science"][i % 2]}) + "\n")
+    return pool, val, held
+
+
+def _config(tmp_path, tiny_model_dir, methods=("rose", "less", "random")):
+    pool, val, held = _write_inputs(tmp_path)
+    return from_dict(RunConfig, {
+        "output_dir": str(tmp_path / "run"), "model": str(tiny_model_dir), "pool": str(pool),
+        "validation": str(val), "device": "cpu", "seed": 1,
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "tokenize": {"max_length": 64},
+        "warmup": {"fraction": 0.25, "epochs": 2, "lr": 1e-3, "batch_size": 4, "grad_accum": 1},
+        "featurize": {"projection": "sjlt", "dim": 64, "batch_size": 4},
+        "select": {"methods": list(methods), "fraction": 0.25},
+        "train": {"epochs": 1, "lr": 1e-3, "batch_size": 4, "grad_accum": 1},
+        "evaluate": {"heldout": str(held), "batch_size": 4},
+    })
+
+
+def test_run_end_to_end_then_resume_skips_finished_stages(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run = run_pipeline(cfg)
+    results = json.loads((run / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["base", "rose", "less", "random"]
+    assert results["n_heldout"] == 4  # 10 held-out prompts minus the 6 used for selection
+    assert (run / "report.md").exists() and (run / "overlap.png").exists()
+    for m in ("rose", "less", "random"):
+        assert len((run / "select" / m / "selected.jsonl").read_text().splitlines()) == 10
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "stages.json"
+              and p.parent == run / "select" / "rose"}
+    capsys.readouterr()
+    run_pipeline(cfg)
+    out = capsys.readouterr().out
+    assert "warmup: done before, skipped" in out and "select/rose: done before, skipped" in out
+    assert "train/less: done before, skipped" in out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+
+
+def test_changed_selection_settings_redo_only_downstream(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, methods=("random",))
+    run_pipeline(cfg)
+    cfg.select.fraction = 0.5
+    capsys.readouterr()
+    run = run_pipeline(cfg)
+    out = capsys.readouterr().out
+    assert "warmup: done before, skipped" in out and "select/random: settings changed, redoing" in out
+    assert len((run / "select" / "random" / "selected.jsonl").read_text().splitlines()) == 20
+
+
+def test_unknown_method_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown"):
+        from_dict(RunConfig, {"select": {"methods": ["rose", "magic"]}})
+
+
+def test_demo_config_loads():
+    from pathlib import Path
+
+    cfg = load_yaml(RunConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert cfg.model == "smollm2-135m" and cfg.select.methods == ["rose", "less", "random"]
