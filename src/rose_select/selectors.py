@@ -59,14 +59,6 @@ class SelectConfig:
 
 # ------------------------------------------------------------------------------------- helpers
 
-def record_text(rec) -> str:
-    return "\n".join(m.content for m in rec.messages)
-
-
-def triple_text(t) -> str:
-    return "\n".join([m.content for m in t.prompt] + [t.chosen])
-
-
 def lr_weights(cfg: SelectConfig, n_checkpoints: int) -> np.ndarray:
     """Checkpoint weights: the override, else the warm-up's mean lr per epoch, else uniform."""
     from rose_select.scoring import checkpoint_weights
@@ -179,7 +171,7 @@ def _scores_text(cfg, pool, triples):
 
     if cfg.method == "random":
         return B.random_scores(len(pool), cfg.seed), None, None, {"seed": cfg.seed}
-    pool_texts, val_texts = [record_text(r) for r in pool], [triple_text(t) for t in triples]
+    pool_texts, val_texts = [B.record_text(r) for r in pool], [B.triple_text(t) for t in triples]
     if cfg.method == "bm25":
         return B.bm25_scores(pool_texts, val_texts), None, None, {}
     return B.dsir_scores(pool_texts, val_texts, seed=cfg.seed), None, None, {"seed": cfg.seed}
