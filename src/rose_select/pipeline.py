@@ -83,7 +83,7 @@ class RunConfig:
     pool: str = field(default=f"{BUILTIN}pool/sharegpt_demo.jsonl", metadata={"help": "instruction pool (path or builtin:...)"})
     pool_format: str = field(default="auto", metadata={"help": "pool format"})
     pool_limit: int | None = field(default=None, metadata={"help": "use the first N pool records"})
-    validation: str = field(default=f"{BUILTIN}rose_data/shp_5_shot_preference.json", metadata={"help": "target-task preference file"})
+    validation: str = field(default=f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json", metadata={"help": "target-task preference file"})
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
     seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
