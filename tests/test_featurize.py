@@ -1,0 +1,122 @@
+"""The featurize stage end to end on the tiny model: store, resume, byte-identical restarts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rose_select.errors import ConfigError, StoreMismatchError
+from rose_select.featurize import FeaturizeConfig, run_featurize
+from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model_dir, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = attach_lora(load_model(str(tiny_model_dir)), LoraSettings(r=2, alpha=4.0, dropout=0.0))
+    tensors = {}
+    with torch.no_grad():
+        for n, p in lora_parameters(model).items():
+            p.normal_(0, 0.2)
+            tensors[f"exp_avg/{n}"] = torch.randn(p.shape) * 1e-3
+            tensors[f"exp_avg_sq/{n}"] = torch.rand(p.shape) * 1e-5 + 1e-7
+    model.save_pretrained(out)
+    save_file(tensors, str(out / "optimizer_state.safetensors"), metadata={"step": "1"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    pool = d / "pool.jsonl"
+    with open(pool, "w") as f:
+        for i in range(7):
+            f.write(json.dumps({"id": f"p{i}", "messages": [
+                {"role": "user", "content": "What is the capital of France?" * (1 + i % 3)},
+                {"role": "assistant", "content": "Paris is the capital." + " yes" * i}]}) + "\n")
+    prefs = d / "prefs.jsonl"
+    with open(prefs, "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"id": f"v{i}", "subtask": f"s{i % 2}", "prompt": "How do I bake bread?" + "!" * i,
+                                "chosen": "Mix flour and water." + " knead" * i, "rejected": "No."}) + "\n")
+    return pool, prefs
+
+
+def _cfg(tiny_model_dir, ckpt, data, out, **kw):
+    base = dict(model=str(tiny_model_dir), checkpoint=str(ckpt), data=str(data), output=str(out),
+                dim=32, batch_size=3, max_length=64, dtype="float32")
+    base.update(kw)
+    return FeaturizeConfig(**base)
+
+
+def _read(out):
+    from rose_select.store import open_features
+
+    feats, meta, rows = open_features(out)
+    return np.array(feats), meta, rows
+
+
+@pytest.mark.parametrize("loss", ["sft", "pairwise", "sft_chosen"])
+def test_end_to_end_resume_and_restart(tiny_model_dir, ckpt, files, tmp_path, loss, monkeypatch):
+    monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+    data = files[0] if loss == "sft" else files[1]
+    cfg = _cfg(tiny_model_dir, ckpt, data, tmp_path / "full", loss=loss)
+    run_featurize(cfg)
+    full, meta, rows = _read(tmp_path / "full")
+    assert full.shape == (7 if loss == "sft" else 5, 32) and np.isfinite(full).all()
+    assert np.abs(full).min(axis=1).max() > 0
+    if loss != "sft":
+        assert rows["groups"] == ["s0", "s1", "s0", "s1", "s0"]
+
+    import rose_select.gradients as G
+    calls = []
+    orig = G.per_example_features
+    monkeypatch.setattr(G, "per_example_features", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    run_featurize(cfg)  # complete: no new work
+    assert calls == []
+
+    part = _cfg(tiny_model_dir, ckpt, data, tmp_path / "part", loss=loss)
+    run_featurize(part, stop_after_batches=1)
+    assert calls == [1]
+    run_featurize(part)
+    resumed, _, _ = _read(tmp_path / "part")
+    assert resumed.tobytes() == full.tobytes()
+
+
+def test_mismatch_and_validation(tiny_model_dir, ckpt, files, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+    out = tmp_path / "s"
+    run_featurize(_cfg(tiny_model_dir, ckpt, files[0], out, limit=3))
+    with pytest.raises(StoreMismatchError):
+        run_featurize(_cfg(tiny_model_dir, ckpt, files[0], out, limit=3, seed=1))
+    with pytest.raises(ConfigError, match="adam"):
+        _cfg(tiny_model_dir, ckpt, files[1], out, loss="pairwise", adam=True)
+    with pytest.raises(ConfigError):
+        _cfg(tiny_model_dir, ckpt, files[1], out, loss="sft", data_kind="preference")
+
+
+def test_sft_features_match_loop_projection(tiny_model_dir, ckpt, files, tmp_path, monkeypatch):
+    """Stored (projected, Adam) features == the LESS-style loop on the same rows."""
+    monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+    from rose_select import gradients as G
+    from rose_select.data import load_pool
+    from rose_select.modeling import load_adapter, load_tokenizer
+    from rose_select.projection import make_projector
+    from rose_select.tokenization import TokenizeConfig, collate, encode_record
+
+    out = tmp_path / "f"
+    run_featurize(_cfg(tiny_model_dir, ckpt, files[0], out, padding_side="left"))
+    feats, _, _ = _read(out)
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_adapter(load_model(str(tiny_model_dir)), ckpt).eval()
+    adam = G.load_adam_state(ckpt, model)
+    proj = make_projector("sjlt", 32, 0, dict(G.param_numels(model)))
+    encs = [encode_record(r, tok, TokenizeConfig(max_length=64)) for r in load_pool(files[0])]
+    ref = G.loop_features(model, [collate([e], tok.pad_token_id) for e in encs], G.sft_loss_fn, proj, adam=adam)
+    np.testing.assert_allclose(feats, ref.numpy(), rtol=1e-4, atol=1e-5)
