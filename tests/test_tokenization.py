@@ -44,22 +44,25 @@ def test_chat_template_forced_without_one_is_an_error():
         encode_messages(CONV, build_tiny_tokenizer(), TokenizeConfig(template="chat"))
 
 
-def test_multi_turn_keeps_the_end_and_single_turn_keeps_the_start(tok):
+def test_multi_turn_keeps_the_end_and_single_turn_keeps_the_response(tok):
     full = encode_messages(CONV, tok, TokenizeConfig(max_length=512))
     cut = encode_messages(CONV, tok, TokenizeConfig(max_length=12))
     assert cut["input_ids"] == full["input_ids"][-12:]
     single = CONV[:2]
     full1 = encode_messages(single, tok, TokenizeConfig(max_length=512))
     n_prompt = next(i for i, l in enumerate(full1["labels"]) if l != IGNORE_INDEX)
-    cut1 = encode_messages(single, tok, TokenizeConfig(max_length=n_prompt + 2))
-    assert cut1["input_ids"] == full1["input_ids"][: n_prompt + 2]
-    assert sum(l != IGNORE_INDEX for l in cut1["labels"]) == 2
+    cut1 = encode_messages(single, tok, TokenizeConfig(max_length=n_prompt))  # the prompt alone fills it
+    assert len(full1["input_ids"]) - n_prompt <= n_prompt - n_prompt // 2  # the short answer fits its cap
+    assert cut1["input_ids"] == full1["input_ids"][-n_prompt:]  # whole answer kept, prompt cut from the left
+    assert sum(l != IGNORE_INDEX for l in cut1["labels"]) == sum(l != IGNORE_INDEX for l in full1["labels"])
+    plain = encode_messages(single, tok, TokenizeConfig(max_length=n_prompt + 2, truncation="keep_start"))
+    assert plain["input_ids"] == full1["input_ids"][: n_prompt + 2]
 
 
 def test_fully_truncated_response_raises_naming_the_record(tok):
     long_prompt = [Message("user", "word " * 200), Message("assistant", "ok")]
     with pytest.raises(DataError, match=r"record 'rec-7'.*field 'messages'.*no response token"):
-        encode_messages(long_prompt, tok, TokenizeConfig(max_length=16), record="rec-7")
+        encode_messages(long_prompt, tok, TokenizeConfig(max_length=16, truncation="keep_start"), record="rec-7")
 
 
 def test_pair_truncation_keeps_response_and_prompt_end(tok):

@@ -5,11 +5,12 @@ are taken over exactly the response tokens. Rendering uses the tokenizer's chat 
 has one and the LESS/open-instruct ``<|user|>``/``<|assistant|>`` format otherwise.
 
 Truncation (documented in the README):
-- ``keep_start`` (single-turn SFT examples): cut the tail of the response; the prompt stays whole.
-- ``keep_end`` (multi-turn dialogues): drop the earliest tokens, keeping the last turns.
-- ``pair`` (prompt + one response, preference data): the response keeps at most
-  ``max_length - min(len(prompt), max_length // 2)`` tokens from its start, then the prompt is
-  cut from the left to fit (as TRL's DPO truncation does).
+- ``auto`` (default): single-turn examples and preference pairs (prompt + one response) use the
+  response-first rule: the response keeps at most ``max_length - min(len(prompt), max_length // 2)``
+  tokens from its start, then the prompt is cut from the left to fit (as TRL's DPO truncation
+  does), so a long prompt never swallows the whole answer; multi-turn dialogues keep the end
+  (the earliest tokens are dropped, keeping the last turns).
+- ``keep_start`` / ``keep_end``: plain cuts of the tail / the head, for users who want them.
 An example whose response loses every token raises ``DataError`` naming the record; nothing is
 dropped silently.
 """
@@ -30,7 +31,7 @@ Template = Literal["auto", "chat", "less"]
 class TokenizeConfig:
     max_length: int = field(default=512, metadata={"help": "maximum tokens per example"})
     template: str = field(default="auto", metadata={"help": "auto | chat (tokenizer chat template) | less (<|user|>/<|assistant|>)"})
-    truncation: str = field(default="auto", metadata={"help": "auto | keep_start | keep_end (auto: keep_start for single-turn, keep_end for multi-turn)"})
+    truncation: str = field(default="auto", metadata={"help": "auto | keep_start | keep_end (auto: response-first for single-turn, keep_end for multi-turn)"})
 
     def __post_init__(self):
         if self.max_length < 2:
@@ -132,9 +133,10 @@ def encode_messages(messages: Sequence[Message], tokenizer, cfg: TokenizeConfig,
         ids, labels = truncate_pair(ids, labels, cfg.max_length)
     else:
         mode = cfg.truncation
-        if mode == "auto":
-            mode = "keep_end" if sum(m.role == "assistant" for m in messages) > 1 else "keep_start"
-        ids, labels = truncate(ids, labels, cfg.max_length, mode)
+        if mode == "auto" and sum(m.role == "assistant" for m in messages) == 1:
+            ids, labels = truncate_pair(ids, labels, cfg.max_length)
+        else:
+            ids, labels = truncate(ids, labels, cfg.max_length, "keep_end" if mode == "auto" else mode)
     n_target = sum(l != IGNORE_INDEX for l in labels)
     if n_target == 0:
         raise DataError(f"no response token left after truncation to max_length={cfg.max_length} "
