@@ -106,3 +106,13 @@ def test_generation_prompt_ends_with_assistant_turn(tok):
     ids = encode_prompt(CONV[:1], tok, TokenizeConfig())
     text = tok.decode(ids)
     assert text.rstrip().endswith("assistant") or text.endswith("<|assistant|>\n")
+
+
+def test_triple_labels_only_the_final_answer_of_a_multi_turn_prompt(tok):
+    prompt = [Message("user", "Hi"), Message("assistant", "Hello there, how can I help you today?"),
+              Message("user", "Tell me a fact " * 20)]
+    t = PreferenceTriple("t1", "s", prompt, "Cats sleep a lot.", "No.")
+    enc = encode_triple(t, tok, TokenizeConfig(max_length=48))
+    assert _target_text(tok, enc["chosen"]).startswith("Cats sleep a lot.")
+    assert _target_text(tok, enc["rejected"]).startswith("No.")
+    assert enc["chosen"]["input_ids"] != enc["rejected"]["input_ids"]

@@ -128,6 +128,8 @@ def encode_messages(messages: Sequence[Message], tokenizer, cfg: TokenizeConfig,
                     pair: bool = False) -> dict:
     """Encode one conversation; raises DataError when truncation leaves no response token."""
     text, spans = render(messages, tokenizer, cfg.template)
+    if pair:  # a preference answer: earlier assistant turns belong to the prompt x, not to y
+        spans = spans[-1:]
     ids, labels = tokenize_with_labels(text, spans, tokenizer)
     if pair:
         ids, labels = truncate_pair(ids, labels, cfg.max_length)
