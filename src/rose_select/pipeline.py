@@ -25,13 +25,17 @@ STAGE_ORDER = ("warmup", "featurize", "select", "train", "evaluate", "report")
 
 
 @dataclass
-class WarmupSection:
-    fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
-    epochs: int = field(default=4, metadata={"help": "warm-up epochs (one checkpoint each)"})
+class TrainSection:
+    epochs: int = field(default=4, metadata={"help": "final training epochs"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
     batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
     grad_accum: int = field(default=32, metadata={"help": "micro-batches per step"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear lr warm-up fraction"})
+
+
+@dataclass
+class WarmupSection(TrainSection):
+    fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
 
 
 @dataclass
@@ -54,15 +58,6 @@ class SelectSection:
     rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last"})
     knn_k: int = field(default=10, metadata={"help": "shapley: K"})
     damping: float = field(default=0.1, metadata={"help": "influence: damping"})
-
-
-@dataclass
-class TrainSection:
-    epochs: int = field(default=4, metadata={"help": "final training epochs"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
-    grad_accum: int = field(default=32, metadata={"help": "micro-batches per step"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear lr warm-up fraction"})
 
 
 @dataclass

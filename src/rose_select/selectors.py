@@ -70,12 +70,11 @@ def lr_weights(cfg: SelectConfig, n_checkpoints: int) -> np.ndarray:
     if cfg.warmup_dir:
         from rose_select.io import read_json
 
-        log = read_json(Path(cfg.warmup_dir) / "lr_log.json")
-        lrs = log["epoch_mean_lr"]
-        ckpts = log.get("checkpoint_epochs") or list(range(1, len(lrs) + 1))
-        if len(ckpts) != n_checkpoints and len(lrs) >= n_checkpoints:
-            lrs = lrs[-n_checkpoints:]
-        return checkpoint_weights(lrs[:n_checkpoints])
+        lrs = read_json(Path(cfg.warmup_dir) / "lr_log.json")["epoch_mean_lr"]
+        if len(lrs) != n_checkpoints:
+            raise ConfigError(f"the warm-up logged {len(lrs)} epochs but {n_checkpoints} checkpoints are scored; "
+                              "give checkpoint_weights for a subset of checkpoints")
+        return checkpoint_weights(lrs)
     return np.full(n_checkpoints, 1.0 / n_checkpoints)
 
 
