@@ -51,6 +51,7 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tmp_path, tiny_model_d
     assert [r["method"] for r in results["rows"]] == ["base", "rose", "less", "random"]
     assert results["n_heldout"] == 4  # 10 held-out prompts minus the 6 used for selection
     assert (run / "report.md").exists() and (run / "overlap.png").exists()
+    assert (run / "subtask_share.png").exists() and "assigned by `rose`" in (run / "report.md").read_text()
     for m in ("rose", "less", "random"):
         assert len((run / "select" / m / "selected.jsonl").read_text().splitlines()) == 10
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "stages.json"

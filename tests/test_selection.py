@@ -9,7 +9,8 @@ import pytest
 
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.records import InstructionRecord, Message
-from rose_select.selection import (count_for_fraction, jaccard, overlap_table, read_selection,
+from rose_select.selection import (count_for_fraction, jaccard, overlap_table, read_best_subtasks,
+                                   read_selection, shares_table, subtask_shares,
                                    select_top, write_selection)
 
 
@@ -92,6 +93,36 @@ def test_write_selection_files(tmp_path, capsys):
         assert sum(summary[key].values()) == pytest.approx(1.0)
     assert read_selection(d) == [recs[i].id for i in sel] == read_selection(d / "selected.jsonl")
     assert not list(d.glob(".*.tmp"))
+    assert read_best_subtasks(d) == {r["id"]: r["best_subtask"] for r in rows}
+
+
+def test_subtask_shares_label_every_selection_by_the_reference():
+    best = {"a": "x", "b": "y", "c": "x", "d": "z"}
+    shares = subtask_shares({"rose": ["a", "c"], "random": ["b", "c", "d", "a"]}, best)
+    assert shares == {"rose": {"x": 1.0, "y": 0.0, "z": 0.0},
+                      "random": {"x": 0.5, "y": 0.25, "z": 0.25}}
+    md = shares_table(shares)
+    assert "| x | 100.0% | 50.0% |" in md and "| z | 0.0% | 25.0% |" in md
+    with pytest.raises(ConfigError, match="not in the reference"):
+        subtask_shares({"bad": ["q"]}, best)
+
+
+def test_select_compare_cli_prints_overlap_and_subtask_shares(tmp_path, capsys):
+    from rose_select.cli import main
+
+    recs = pool()
+    rng = np.random.default_rng(1)
+    per_group = rng.standard_normal((len(recs), 2))
+    write_selection(tmp_path / "rose", recs, per_group.max(1), select_top(per_group.max(1), count=4),
+                    per_group=per_group, group_names=["g1", "g2"], echo=False)
+    rand = rng.standard_normal(len(recs))
+    write_selection(tmp_path / "random", recs, rand, select_top(rand, count=4), method="random", echo=False)
+    assert read_best_subtasks(tmp_path / "random") is None
+    assert main(["select", "--compare", str(tmp_path / "random"), str(tmp_path / "rose"),
+                 "--plot-dir", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "| random | 1.000 |" in out and "assigned by rose" in out and "| g1 |" in out
+    assert (tmp_path / "plots" / "overlap.png").exists() and (tmp_path / "plots" / "subtask_share.png").exists()
 
 
 def test_jaccard_and_overlap_table():
@@ -114,6 +145,7 @@ def test_plots_write_pngs(tmp_path):
         plots.line_plot([1, 2, 5], {"rose": [1, 2, 3], "less": [1, 1, 2]}, "shots", "win", "t",
                         tmp_path / "l.png"),
         plots.scatter_with_fit([1, 2, 3, 4], [2, 4, 5, 9], ["a", "b", "c", "d"], tmp_path / "c.png"),
+        plots.bar_chart({"base": 0.5, "rose": 0.6, "broken": None}, tmp_path / "b.png", reference=0.5),
     ]
     for p in outs:
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -316,18 +316,26 @@ def markdown(rows: list[dict]) -> str:
 
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:
     from rose_select import plots
-    from rose_select.selection import overlap_table, read_selection
+    from rose_select.selection import (overlap_table, read_best_subtasks, read_selection, shares_table,
+                                       subtask_shares)
 
     methods = cfg.select.methods
     rows = summary_rows(run, methods)
     table = markdown(rows)
     sels = {m: read_selection(run / "select" / m) for m in methods if m != "full"}
     matrix, overlap_md = overlap_table(sels) if len(sels) > 1 else (None, "(one method)")
-    plots.line_plot(list(range(len(rows))), {"rewards/accuracies": [r["rewards/accuracies"] for r in rows]},
-                    "method index (" + ", ".join(r["method"] for r in rows) + ")", "held-out preference accuracy",
-                    "held-out preference accuracy per method", run / "accuracy.png")
+    plots.bar_chart({r["method"]: r["rewards/accuracies"] for r in rows}, run / "accuracy.png",
+                    ylabel="held-out preference accuracy", title="held-out preference accuracy per method",
+                    reference=0.5)
     if matrix is not None:
         plots.overlap_heatmap(matrix, list(sels), run / "overlap.png")
+    shares_md = "(no gradient method in this run)"
+    reference = next((m for m in sels if read_best_subtasks(run / "select" / m) is not None), None)
+    if reference is not None:
+        shares = subtask_shares(sels, read_best_subtasks(run / "select" / reference))
+        shares_md = f"Subtasks assigned by `{reference}`'s best-matching subtask.\n\n" + shares_table(shares)
+        plots.share_bar_chart(shares, run / "subtask_share.png",
+                              title=f"share per best-matching subtask (assigned by {reference})")
     timing = {k: v.get("seconds") for k, v in ledger.state.items()}
     write_json(run / "results.json", {"rows": rows, "heldout_source": heldout_source, "n_heldout": n_heldout,
                                       "stage_seconds": timing})
@@ -335,6 +343,7 @@ def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int,
               f"{n_heldout} held-out pairs from `{Path(heldout_source).name}` (prompts used for selection removed).\n\n"
               f"## Held-out preference metrics (implicit reward vs the base model)\n\n{table}\n\n"
               f"## Selection overlap (Jaccard)\n\n{overlap_md}\n\n"
+              f"## Selected share per subtask\n\n{shares_md}\n\n"
               f"## Stage times (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timing.items()) + "\n")
     write_text(run / "report.md", report)
     return table

@@ -64,6 +64,23 @@ def share_bar_chart(shares: Mapping[str, Mapping[str, float]], path: str | os.Pa
     return _save(fig, path)
 
 
+def bar_chart(values: Mapping[str, float | None], path: str | os.PathLike, *, ylabel: str = "value",
+              title: str = "", reference: float | None = None) -> Path:
+    """One labelled bar per name (None drawn as a gap), with an optional dashed reference line."""
+    names = list(values)
+    heights = [np.nan if values[n] is None else float(values[n]) for n in names]
+    fig, ax = _figure(max(6.4, 0.8 * len(names) + 2), 4.0)
+    bars = ax.bar(range(len(names)), np.nan_to_num(heights), color="tab:blue")
+    for bar, h in zip(bars, heights):
+        if np.isfinite(h):
+            ax.annotate(f"{h:.3f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 5 else 0)
+    ax.set(ylabel=ylabel, title=title)
+    return _save(fig, path)
+
+
 def overlap_heatmap(matrix: np.ndarray, names: Sequence[str], path: str | os.PathLike, *,
                     title: str = "Jaccard overlap of selections") -> Path:
     """Annotated heatmap of a square (Jaccard) matrix between methods."""

@@ -171,7 +171,7 @@ def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[Instructi
 
     ``scores.npy`` ([N] float64), ``scores.jsonl`` (id, source, score, best_subtask),
     ``selected.jsonl`` (best first; see ``selected_row``), ``summary.json``; with ``plots`` also
-    ``score_histogram.png`` and ``selected_share.png``.
+    ``score_histogram.png``, ``selected_share.png`` and (with ``per_group``) ``subtask_share.png``.
     """
     out_dir = Path(out_dir)
     scores = np.asarray(scores, dtype=np.float64)
@@ -217,6 +217,10 @@ def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[Instructi
         P.share_bar_chart({"pool": summary["pool_share_per_source"],
                            "selected": summary["share_per_source"]},
                           out_dir / "selected_share.png", title=f"{method}: share per source")
+        if best is not None:
+            P.share_bar_chart({"pool": _shares(best), "selected": summary["share_per_subtask"]},
+                              out_dir / "subtask_share.png",
+                              title=f"{method}: share per best-matching subtask")
     table = summary_table(summary)
     if echo:
         print(table)
@@ -264,3 +268,53 @@ def overlap_table(selections: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, 
     rows = [f"| {name} | " + " | ".join(f"{v:.3f}" for v in mat[i]) + " |"
             for i, name in enumerate(names)]
     return mat, "\n".join([header, rule, *rows])
+
+
+def read_best_subtasks(path: str | os.PathLike) -> dict[str, str] | None:
+    """id -> best-matching subtask from a selection directory's ``scores.jsonl``; None when the
+    method has no per-subtask breakdown (text and random baselines)."""
+    path = Path(path) / "scores.jsonl" if Path(path).is_dir() else Path(path)
+    if not path.exists():
+        raise DataError("scores file not found", path=str(path))
+    best = {}
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"not valid JSON: {e.msg}", path=str(path), line=line_no) from None
+            if not isinstance(row, dict) or "id" not in row:
+                raise DataError("missing", path=str(path), line=line_no, field="id")
+            if row.get("best_subtask") is None:
+                return None
+            best[str(row["id"])] = str(row["best_subtask"])
+    return best
+
+
+def subtask_shares(selections: Mapping[str, Sequence[str]], best_subtask: Mapping[str, str]
+                   ) -> dict[str, dict[str, float]]:
+    """Share of each selection per subtask, every selection labelled by one reference assignment
+    (a gradient method's best-matching subtask per pool id), so methods without a per-subtask
+    breakdown can be compared on the same axis. Subtasks in the reference's order of appearance."""
+    cats = list(dict.fromkeys(best_subtask.values()))
+    out = {}
+    for name, ids in selections.items():
+        missing = [i for i in ids if i not in best_subtask]
+        if missing:
+            raise ConfigError(f"selection {name!r} has ids not in the reference scores, e.g. {missing[:3]}")
+        counts = Counter(best_subtask[i] for i in ids)
+        total = max(1, len(ids))
+        out[name] = {c: counts.get(c, 0) / total for c in cats}
+    return out
+
+
+def shares_table(shares: Mapping[str, Mapping[str, float]], label: str = "subtask") -> str:
+    """Markdown table: one row per category, one column per selection (percent)."""
+    names = list(shares)
+    cats = list(dict.fromkeys(c for s in shares.values() for c in s))
+    lines = [f"| {label} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {c} | " + " | ".join(f"{100 * shares[n].get(c, 0.0):.1f}%" for n in names) + " |"
+              for c in cats]
+    return "\n".join(lines)

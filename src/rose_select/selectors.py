@@ -209,15 +209,34 @@ def run_select(cfg: SelectConfig) -> Path:
 
 def add_cli_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", nargs="+", metavar="SELECTION",
-                        help="print the Jaccard overlap table of selection directories and exit")
+                        help="print the Jaccard overlap table of selection directories (and, when one "
+                             "has per-subtask scores, every selection's share per best-matching subtask) and exit")
+    parser.add_argument("--plot-dir", default=None,
+                        help="with --compare: also write overlap.png and subtask_share.png here")
 
 
 def handle_cli(command: str, args) -> int | None:
     if not args.compare:
         return None
-    from rose_select.selection import overlap_table, read_selection
+    from rose_select import plots
+    from rose_select.selection import (overlap_table, read_best_subtasks, read_selection, shares_table,
+                                       subtask_shares)
 
     sels = {Path(p).name if Path(p).is_dir() else p: read_selection(p) for p in args.compare}
-    _, table = overlap_table(sels)
+    matrix, table = overlap_table(sels)
     print(table)
+    shares, reference = None, None
+    for p in args.compare:
+        best = read_best_subtasks(p) if Path(p).is_dir() else None
+        if best is not None:
+            shares, reference = subtask_shares(sels, best), Path(p).name
+            break
+    if shares is not None:
+        print(f"\nshare per best-matching subtask (subtasks assigned by {reference}):")
+        print(shares_table(shares))
+    if args.plot_dir:
+        plots.overlap_heatmap(matrix, list(sels), Path(args.plot_dir) / "overlap.png")
+        if shares is not None:
+            plots.share_bar_chart(shares, Path(args.plot_dir) / "subtask_share.png",
+                                  title=f"share per best-matching subtask (assigned by {reference})")
     return 0
