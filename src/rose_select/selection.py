@@ -229,14 +229,8 @@ def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[Instructi
 
 # ---------------------------------------------------------------------------- comparing
 
-def read_selection(path: str | os.PathLike) -> list[str]:
-    """Ids of a selection, best first: a selection directory or its ``selected.jsonl``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "selected.jsonl"
-    if not path.exists():
-        raise DataError("selection file not found", path=str(path))
-    ids = []
+def _id_rows(path: Path):
+    """Rows of a JSONL file that each carry an ``id``; bad lines raise DataError naming the line."""
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -247,8 +241,17 @@ def read_selection(path: str | os.PathLike) -> list[str]:
                 raise DataError(f"not valid JSON: {e.msg}", path=str(path), line=line_no) from None
             if not isinstance(row, dict) or "id" not in row:
                 raise DataError("missing", path=str(path), line=line_no, field="id")
-            ids.append(str(row["id"]))
-    return ids
+            yield row
+
+
+def read_selection(path: str | os.PathLike) -> list[str]:
+    """Ids of a selection, best first: a selection directory or its ``selected.jsonl``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "selected.jsonl"
+    if not path.exists():
+        raise DataError("selection file not found", path=str(path))
+    return [str(row["id"]) for row in _id_rows(path)]
 
 
 def jaccard(a_ids: Sequence[str], b_ids: Sequence[str]) -> float:
@@ -277,19 +280,10 @@ def read_best_subtasks(path: str | os.PathLike) -> dict[str, str] | None:
     if not path.exists():
         raise DataError("scores file not found", path=str(path))
     best = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON: {e.msg}", path=str(path), line=line_no) from None
-            if not isinstance(row, dict) or "id" not in row:
-                raise DataError("missing", path=str(path), line=line_no, field="id")
-            if row.get("best_subtask") is None:
-                return None
-            best[str(row["id"])] = str(row["best_subtask"])
+    for row in _id_rows(path):
+        if row.get("best_subtask") is None:
+            return None
+        best[str(row["id"])] = str(row["best_subtask"])
     return best
 
 
