@@ -80,6 +80,29 @@ def test_metrics_match_direct_computation(tiny_model_dir, adapter_dir, tmp_path)
     assert o["rewards/margins"] != 0
 
 
+def test_reference_cache_is_reused_and_gives_the_same_metrics(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+    from rose_select import evaluation
+
+    common = dict(model=str(tiny_model_dir), max_length=64, batch_size=2, device="cpu")
+    plain = json.loads((run_evaluate(EvalConfig(**common, adapter=str(adapter_dir), output=str(tmp_path / "a")),
+                                     triples=triples()) / "metrics.json").read_text())
+    cache = tmp_path / "ref.npz"
+    run_evaluate(EvalConfig(**common, reference_cache=str(cache), output=str(tmp_path / "base")), triples=triples())
+    assert cache.exists()
+    calls = []
+    real = evaluation.sequence_stats
+    monkeypatch.setattr(evaluation, "sequence_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = json.loads((run_evaluate(EvalConfig(**common, adapter=str(adapter_dir), reference_cache=str(cache),
+                                                 output=str(tmp_path / "b")), triples=triples()) / "metrics.json").read_text())
+    assert len(calls) == 1  # the policy pass only; the reference came from the cache
+    for k in ("rewards/accuracies", "rewards/margins", "loss/pairwise", "loss/sft"):
+        assert cached["overall"][k] == pytest.approx(plain["overall"][k], rel=1e-6, abs=1e-9)
+    calls.clear()  # other pairs: the key differs, so the reference is computed again
+    run_evaluate(EvalConfig(**common, adapter=str(adapter_dir), reference_cache=str(cache), output=str(tmp_path / "c")),
+                 triples=triples()[:2])
+    assert len(calls) == 2
+
+
 def test_base_model_has_zero_rewards(tiny_model_dir):
     tok, model = modeling.load_tokenizer(str(tiny_model_dir)), modeling.load_model(str(tiny_model_dir))
     out = evaluate_preferences(model, tok, triples(), EvalConfig(max_length=64))["overall"]

@@ -69,6 +69,7 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={"help": "at most this many triples / test prompts per subtask"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="float32", metadata={"help": "model dtype"})
+    reference_cache: str | None = field(default=None, metadata={"help": "an .npz that keeps the base model's log-probs of the pairs for reuse across adapters"})
     output: str = field(default="runs/eval", metadata={"help": "output directory"})
 
     def __post_init__(self):
@@ -197,36 +198,75 @@ def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: in
     from rose_select.losses import sequence_logprob, sft_loss_per_example
     from rose_select.tokenization import IGNORE_INDEX, collate
 
+    encodings = list(encodings)
+    # batches of similar length waste little compute on padding; results go back to input order
+    order = sorted(range(len(encodings)), key=lambda i: (len(encodings[i]["input_ids"]), i))
     out = {"logp": [], "n": [], "sft": []}
     with torch.no_grad():
-        for chunk in _batches(list(encodings), batch_size):
-            b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        for chunk in _batches(order, batch_size):
+            b = {k: v.to(device) for k, v in collate([encodings[i] for i in chunk], pad_id).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                            position_ids=b["position_ids"]).logits
             out["logp"].append(sequence_logprob(logits, b["labels"]).double().cpu().numpy())
             out["sft"].append(sft_loss_per_example(logits, b["labels"]).double().cpu().numpy())
             out["n"].append((b["labels"][:, 1:] != IGNORE_INDEX).sum(-1).cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
+    inverse = np.argsort(np.asarray(order, dtype=np.int64))
+    return {k: np.concatenate(v)[inverse] if order else np.zeros(0) for k, v in out.items()}
 
 
 def _has_adapter(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def sequences_key(tag: str, seqs: Sequence[dict]) -> str:
+    """Fingerprint of a reference pass: ``tag`` (base model and dtype) and the exact token ids and labels."""
+    import hashlib
+
+    h = hashlib.sha256(f"{tag}\0".encode())
+    for e in seqs:
+        h.update(np.asarray(e["input_ids"], np.int64).tobytes() + b"|")
+        h.update(np.asarray(e["labels"], np.int64).tobytes() + b";")
+    return h.hexdigest()
+
+
+def _cached_reference(path: str | None, key: str, compute) -> dict[str, np.ndarray]:
+    """Reference (base-model) log-probs are the same for every adapter evaluated on the same
+    pairs: keep them in ``path`` (an .npz tagged with ``key``) and reuse them when the key matches."""
+    from rose_select.io import atomic_path
+
+    if path and Path(path).exists():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return {k: z[k] for k in ("logp", "n", "sft")}
+    ref = compute()
+    if path:
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), **ref)
+    return ref
+
+
 def triple_stats(model, tokenizer, triples: Sequence[PreferenceTriple], tok_cfg: TokenizeConfig,
-                 batch_size: int, device) -> dict[str, np.ndarray]:
-    """Policy and reference (adapter disabled) stats of the chosen and rejected answers."""
+                 batch_size: int, device, *, reference_cache: str | None = None,
+                 reference_key: str = "") -> dict[str, np.ndarray]:
+    """Policy and reference (adapter disabled) stats of the chosen and rejected answers.
+    ``reference_cache``: an .npz reused across adapters (see ``_cached_reference``)."""
     from rose_select.tokenization import encode_triple
 
     enc = [encode_triple(t, tokenizer, tok_cfg) for t in triples]
     seqs = [e["chosen"] for e in enc] + [e["rejected"] for e in enc]
     pad, n = tokenizer.pad_token_id, len(enc)
-    pol = sequence_stats(model, seqs, pad, batch_size, device)
+    key = sequences_key(reference_key, seqs)
     if _has_adapter(model):
-        with model.disable_adapter():
-            ref = sequence_stats(model, seqs, pad, batch_size, device)
-    else:
-        ref = pol  # π = π_ref: rewards exactly 0
+        pol = sequence_stats(model, seqs, pad, batch_size, device)
+
+        def reference():
+            with model.disable_adapter():
+                return sequence_stats(model, seqs, pad, batch_size, device)
+
+        ref = _cached_reference(reference_cache, key, reference)
+    else:  # π = π_ref: rewards exactly 0
+        pol = ref = _cached_reference(reference_cache, key,
+                                      lambda: sequence_stats(model, seqs, pad, batch_size, device))
     return {"pol_w": pol["logp"][:n], "pol_l": pol["logp"][n:], "ref_w": ref["logp"][:n], "ref_l": ref["logp"][n:],
             "n_w": pol["n"][:n], "n_l": pol["n"][n:], "sft_w": pol["sft"][:n]}
 
@@ -235,7 +275,8 @@ def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], 
     """``{"overall": metrics, "per_subtask": {subtask: metrics}}`` on held-out triples."""
     if not triples:
         raise DataError("no preference triples to evaluate")
-    s = triple_stats(model, tokenizer, triples, cfg.tokenize_config(), cfg.batch_size, device)
+    s = triple_stats(model, tokenizer, triples, cfg.tokenize_config(), cfg.batch_size, device,
+                     reference_cache=cfg.reference_cache, reference_key=f"{cfg.model}\0{cfg.dtype}")
     keys = ("pol_w", "pol_l", "ref_w", "ref_l", "n_w", "n_l", "sft_w")
     subtasks = np.array([t.subtask for t in triples])
     per = {name: preference_metrics(*(s[k][subtasks == name] for k in keys), beta=cfg.beta)

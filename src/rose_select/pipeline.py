@@ -274,7 +274,8 @@ def run_pipeline(cfg: RunConfig) -> Path:
     e = cfg.evaluate
     eval_common = dict(model=cfg.model, beta=e.beta, batch_size=e.batch_size, max_length=cfg.tokenize.max_length,
                        template=cfg.tokenize.template, test_prompts=e.test_prompts, judge=e.judge,
-                       max_new_tokens=e.max_new_tokens, device=cfg.device)
+                       max_new_tokens=e.max_new_tokens, device=cfg.device,
+                       reference_cache=str(run / "eval" / "reference_logps.npz"))
     fp_eval = _fp(e, data_fp, [t.id for t in triples])
     base_eval = EvalConfig(**eval_common, output=str(run / "eval" / "base"))
     ledger.run("evaluate/base", _fp(base_eval, fp_eval), [run / "eval" / "base"],
