@@ -75,6 +75,27 @@ def test_changed_selection_settings_redo_only_downstream(tmp_path, tiny_model_di
     assert len((run / "select" / "random" / "selected.jsonl").read_text().splitlines()) == 20
 
 
+def test_runs_on_other_targets_share_warmup_pool_features_and_full_training(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, methods=("rose", "full"))
+    cfg.shared_dir = str(tmp_path / "shared")
+    run_pipeline(cfg)
+    (shared,) = (tmp_path / "shared").iterdir()
+    assert (shared / "warmup" / "ckpt-2").is_dir() and (shared / "features" / "ckpt-1" / "pool").is_dir()
+    assert (shared / "train" / "full" / "adapter").is_dir() and not (tmp_path / "run" / "warmup").exists()
+    other = tmp_path / "val2.jsonl"  # another target: a different validation set
+    other.write_text("".join(json.dumps({"prompt": f"Why is law {i} fair?", "chosen": "Because of precedent.",
+                                         "rejected": "It is not.", "subtask": "law"}) + "\n" for i in range(3)))
+    cfg2 = _config(tmp_path, tiny_model_dir, methods=("rose", "full"))
+    cfg2.shared_dir, cfg2.validation, cfg2.output_dir = cfg.shared_dir, str(other), str(tmp_path / "run2")
+    capsys.readouterr()
+    run2 = run_pipeline(cfg2)
+    out = capsys.readouterr().out
+    assert "warmup: done before, skipped" in out and "featurize/ckpt-1/pool: done before, skipped" in out
+    assert "train/full: done before, skipped" in out and "select/rose: done before" not in out
+    assert len(list((tmp_path / "shared").iterdir())) == 1
+    assert json.loads((run2 / "results.json").read_text())["rows"][1]["method"] == "rose"
+
+
 def test_unknown_method_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown"):
         from_dict(RunConfig, {"select": {"methods": ["rose", "magic"]}})

@@ -82,6 +82,7 @@ class RunConfig:
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
     seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    shared_dir: str | None = field(default=None, metadata={"help": "keep target-independent artifacts (warm-up, pool features, full-data training) under SHARED_DIR/<fingerprint>/ so runs on other targets reuse them"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     warmup: WarmupSection = field(default_factory=WarmupSection)
@@ -164,8 +165,8 @@ def _stage_configs(cfg: RunConfig, run: Path, pool: str, validation: str):
     return warm, train
 
 
-def _featurize_jobs(cfg: RunConfig, run: Path, pool: str, validation: str, ckpts: list[Path]):
-    """(key, FeaturizeConfig) for every store the chosen methods need."""
+def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str, ckpts: list[Path]):
+    """(key, FeaturizeConfig) for every store the chosen methods need (pool stores under ``shared``)."""
     from rose_select.featurize import FeaturizeConfig
 
     f, methods = cfg.featurize, set(cfg.select.methods)
@@ -178,7 +179,7 @@ def _featurize_jobs(cfg: RunConfig, run: Path, pool: str, validation: str, ckpts
         if methods & {"rose", "less", "influence", "shapley"}:
             jobs.append((f"featurize/{ck.name}/pool", FeaturizeConfig(
                 **common, checkpoint=str(ck), data=pool, data_kind="pool", data_format=cfg.pool_format,
-                limit=cfg.pool_limit, loss="sft", adam=True, output=str(base / "pool"))))
+                limit=cfg.pool_limit, loss="sft", adam=True, output=str(shared / "features" / ck.name / "pool"))))
         if methods & {"rose", "influence", "shapley"}:
             jobs.append((f"featurize/{ck.name}/val_pairwise", FeaturizeConfig(
                 **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="pairwise",
@@ -202,7 +203,8 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
     return ckpts
 
 
-def _select_config(cfg: RunConfig, run: Path, method: str, pool: str, validation: str, ckpts: list[Path]):
+def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
+                   ckpts: list[Path]):
     from rose_select.selectors import SelectConfig
 
     s = cfg.select
@@ -211,14 +213,14 @@ def _select_config(cfg: RunConfig, run: Path, method: str, pool: str, validation
     grad = method in ("rose", "less", "influence", "shapley")
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
-        log = read_json(run / "warmup" / "lr_log.json")
+        log = read_json(shared / "warmup" / "lr_log.json")
         weights = [log["epoch_mean_lr"][int(c.name.split("-")[1]) - 1] for c in ckpts]
     return SelectConfig(
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
         num_subtasks=cfg.num_subtasks,
-        pool_features=[str(feats / c.name / "pool") for c in ckpts] if grad else [],
+        pool_features=[str(shared / "features" / c.name / "pool") for c in ckpts] if grad else [],
         val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
-        warmup_dir=str(run / "warmup") if grad else None, checkpoint_weights=weights,
+        warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights,
         reduce=s.reduce, fraction=s.fraction, seed=cfg.seed, model=cfg.model,
         adapter=str(ckpts[-1]) if method == "rds" else None, rds_pooling=s.rds_pooling,
         max_length=cfg.tokenize.max_length, batch_size=cfg.featurize.batch_size, damping=s.damping,
@@ -261,14 +263,19 @@ def run_pipeline(cfg: RunConfig) -> Path:
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
     ledger = StageLedger(run)
     warm_cfg, train_cfg = _stage_configs(cfg, run, pool, validation)
-    fp_warm = _fp(warm_cfg, data_fp)
-    ledger.run("warmup", fp_warm, [run / "warmup"], lambda: str(run_warmup(warm_cfg)))
-    ckpts = _checkpoints(cfg, run / "warmup")
-    for key, fcfg in _featurize_jobs(cfg, run, pool, validation, ckpts):
-        ledger.run(key, _fp(fcfg, fp_warm), [Path(fcfg.output)], lambda c=fcfg: str(run_featurize(c)))
+    fp_warm = _fp(replace(warm_cfg, output=""), data_fp["pool"])
+    # target-independent stages: in the run dir, or shared by every run with the same warm-up
+    shared = Path(cfg.shared_dir) / f"warmup-{fp_warm}" if cfg.shared_dir else run
+    shared_ledger = StageLedger(shared) if cfg.shared_dir else ledger
+    warm_cfg = replace(warm_cfg, output=str(shared / "warmup"))
+    shared_ledger.run("warmup", fp_warm, [shared / "warmup"], lambda: str(run_warmup(warm_cfg)))
+    ckpts = _checkpoints(cfg, shared / "warmup")
+    for key, fcfg in _featurize_jobs(cfg, run, shared, pool, validation, ckpts):
+        where = shared_ledger if key.endswith("/pool") else ledger
+        where.run(key, _fp(fcfg, fp_warm), [Path(fcfg.output)], lambda c=fcfg: str(run_featurize(c)))
     fp_feat = _fp(cfg.featurize, fp_warm)
     for method in cfg.select.methods:
-        scfg = _select_config(cfg, run, method, pool, validation, ckpts)
+        scfg = _select_config(cfg, run, shared, method, pool, validation, ckpts)
         ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
     heldout_source, triples = heldout_triples(cfg, validation)
     e = cfg.evaluate
@@ -281,10 +288,15 @@ def run_pipeline(cfg: RunConfig) -> Path:
     ledger.run("evaluate/base", _fp(base_eval, fp_eval), [run / "eval" / "base"],
                lambda: str(run_evaluate(base_eval, triples=triples)))
     for method in cfg.select.methods:
-        sel = run / "select" / method / "selected.jsonl"
-        tcfg = replace(train_cfg, full=False, selection=str(sel), output=str(run / "train" / method))
-        fp_train = _fp(tcfg, ledger.state[f"select/{method}"]["fingerprint"])
-        ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+        if method == "full":  # the whole pool: the same model whatever the target
+            tcfg = replace(train_cfg, full=True, output=str(shared / "train" / "full"))
+            fp_train = _fp(replace(tcfg, output=""), data_fp["pool"])
+            shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+        else:
+            sel = run / "select" / method / "selected.jsonl"
+            tcfg = replace(train_cfg, full=False, selection=str(sel), output=str(run / "train" / method))
+            fp_train = _fp(tcfg, ledger.state[f"select/{method}"]["fingerprint"])
+            ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
         ecfg = EvalConfig(**eval_common, adapter=str(Path(tcfg.output) / "adapter"), output=str(run / "eval" / method))
         ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
                    lambda c=ecfg: str(run_evaluate(c, triples=triples)))
