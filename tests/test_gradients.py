@@ -71,6 +71,12 @@ def test_sft_adam_batched_equals_loop(lora_model):
     gg, m, v = torch.tensor([[2.0]]), torch.tensor([1.0]), torch.tensor([3.0])
     expect = (0.9 * 1 + 0.1 * 2) / (0.999 * 3 + 0.001 * 4 + 1e-8) ** 0.5
     assert adam_transform(gg, m, v).item() == pytest.approx(expect, rel=1e-6)
+    # the engine's precomputed form equals the formula, with non-default hyperparameters too
+    state = AdamState({"w": (torch.randn(50, dtype=torch.float64), torch.rand(50, dtype=torch.float64))},
+                      0.8, 0.99, 1e-3)
+    block = torch.randn(3, 50, dtype=torch.float64)
+    torch.testing.assert_close(state.apply("w", block), adam_transform(block, *state.moments["w"], 0.8, 0.99, 1e-3),
+                               rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("ref", ["base", "self"])
