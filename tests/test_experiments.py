@@ -138,3 +138,13 @@ def test_config_errors():
         ExperimentConfig(methods=["rose", "oracle"])
     with pytest.raises(ConfigError, match="held-out files for 3 targets"):
         ExperimentConfig(heldouts=["a.json"])
+
+
+@pytest.mark.parametrize("name", ["cpu_small.yaml", "gpu_paper.yaml"])
+def test_shipped_experiment_configs_load(name):
+    from pathlib import Path
+
+    from rose_select.config import load_yaml
+
+    cfg = load_yaml(ExperimentConfig, Path(__file__).resolve().parents[1] / "configs" / "experiments" / name)
+    assert cfg.base.model == "smollm2-135m" and len(cfg.targets) == 3 and "rose" in cfg.method_list()
