@@ -8,8 +8,8 @@ import torch
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.gradients import (AdamState, adam_transform, forward_logits, loop_features,
                                    pair_row_to_item, pairwise_loss_fn, per_example_features,
-                                   sft_loss_fn)
-from rose_select.losses import dpo_loss, sequence_logprob
+                                   response_logprobs, sft_loss_fn)
+from rose_select.losses import dpo_loss, sequence_logprob, sft_loss_per_example, sum_per_row, token_logprobs
 from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
 from rose_select.tokenization import collate
 
@@ -43,6 +43,21 @@ def _examples(n, seed=0, vocab=300):
 
 def _pair_batch(chosen, rejected, side):
     return collate(list(chosen) + list(rejected), pad_id=0, padding_side=side)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_response_only_head_equals_full_logits(lora_model, side):
+    ex = _examples(5, seed=7) + [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]  # no response token
+    batch = collate(ex, 0, side)
+    logits = forward_logits(lora_model, batch)
+    logp, rows = response_logprobs(lora_model, batch)
+    full = token_logprobs(logits, batch["labels"])
+    mask = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(logp, full[mask], rtol=1e-12, atol=1e-12)
+    assert rows.tolist() == mask.nonzero()[:, 0].tolist()
+    torch.testing.assert_close(sum_per_row(logp, rows, len(ex)), sequence_logprob(logits, batch["labels"]))
+    torch.testing.assert_close(sft_loss_fn(lora_model, batch), sft_loss_per_example(logits, batch["labels"]))
+    assert sft_loss_fn(lora_model, batch)[-1] == 0
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -195,7 +195,8 @@ def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: in
     """Summed response log-prob, response token count and SFT loss of each encoding."""
     import torch
 
-    from rose_select.losses import sequence_logprob, sft_loss_per_example
+    from rose_select.gradients import response_logprobs
+    from rose_select.losses import sft_loss_from_packed, sum_per_row
     from rose_select.tokenization import IGNORE_INDEX, collate
 
     encodings = list(encodings)
@@ -205,10 +206,9 @@ def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: in
     with torch.no_grad():
         for chunk in _batches(order, batch_size):
             b = {k: v.to(device) for k, v in collate([encodings[i] for i in chunk], pad_id).items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           position_ids=b["position_ids"]).logits
-            out["logp"].append(sequence_logprob(logits, b["labels"]).double().cpu().numpy())
-            out["sft"].append(sft_loss_per_example(logits, b["labels"]).double().cpu().numpy())
+            logp, rows = response_logprobs(model, b)
+            out["logp"].append(sum_per_row(logp, rows, len(chunk)).double().cpu().numpy())
+            out["sft"].append(sft_loss_from_packed(logp, rows, len(chunk)).double().cpu().numpy())
             out["n"].append((b["labels"][:, 1:] != IGNORE_INDEX).sum(-1).cpu().numpy())
     inverse = np.argsort(np.asarray(order, dtype=np.int64))
     return {k: np.concatenate(v)[inverse] if order else np.zeros(0) for k, v in out.items()}

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from rose_select.errors import ConfigError, NonFiniteError
-from rose_select.losses import dpo_loss, sequence_logprob, sft_loss_per_example
+from rose_select.losses import IGNORE_INDEX, dpo_loss, sft_loss_from_packed, sum_per_row
 from rose_select.modeling import canonical_name, lora_parameters
 
 LossFn = Callable[[object, dict], Tensor]
@@ -143,6 +143,36 @@ def model_inputs(batch: dict) -> dict:
 
 def forward_logits(model, batch: dict) -> Tensor:
     return model(**model_inputs(batch), use_cache=False).logits
+
+
+def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the response tokens only, packed: ``(logp [n], row [n])``.
+
+    The output head and the log-softmax run only where a label is predicted: a pre-hook on the
+    model's output embeddings hands it the hidden states of those positions. Over a 50k vocabulary
+    the head and softmax are a large share of a small model's cost, and prompt positions need
+    neither. Equal to ``losses.token_logprobs`` at the response positions (tested).
+    """
+    from rose_select.losses import packed_logprobs
+
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+
+    def select(_mod, args):
+        hidden = args[0]
+        if hidden.shape[:2] != keep.shape:
+            raise ConfigError(f"the output head received hidden states {list(hidden.shape)}; expected "
+                              f"[batch, seq, hidden] = {list(keep.shape)} + [...] (an unusual model head?)")
+        return (hidden[keep], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        logits = model(**model_inputs(batch), use_cache=False).logits
+    finally:
+        handle.remove()
+    targets = labels[:, 1:][keep[:, :-1]]
+    return packed_logprobs(logits, targets), keep.nonzero()[:, 0]
 
 
 def _autocast(device: torch.device, dtype):
@@ -292,7 +322,13 @@ def _check_finite(out: Tensor, ids: Sequence[str]) -> None:
 
 def sft_loss_fn(model, batch: dict) -> Tensor:
     """Per-row SFT loss (mean token cross-entropy over response tokens)."""
-    return sft_loss_per_example(forward_logits(model, batch), batch["labels"])
+    logp, rows = response_logprobs(model, batch)
+    return sft_loss_from_packed(logp, rows, batch["labels"].shape[0])
+
+
+def _sequence_logprob(model, batch: dict) -> Tensor:
+    logp, rows = response_logprobs(model, batch)
+    return sum_per_row(logp, rows, batch["labels"].shape[0])
 
 
 def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
@@ -303,19 +339,18 @@ def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
     """
 
     def fn(model, batch: dict) -> Tensor:
-        labels = batch["labels"]
-        n = labels.shape[0] // 2
-        pol = sequence_logprob(forward_logits(model, batch), labels)
+        n = batch["labels"].shape[0] // 2
+        pol = _sequence_logprob(model, batch)
         if isinstance(ref, str) and ref == "self":
             ref_lp = pol.detach()
         elif isinstance(ref, str) and ref == "base":
             with torch.no_grad(), model.disable_adapter():
-                ref_lp = sequence_logprob(forward_logits(model, batch), labels)
+                ref_lp = _sequence_logprob(model, batch)
         elif isinstance(ref, str):
             raise ConfigError(f"ref must be 'base', 'self' or a model, got {ref!r}")
         else:
             with torch.no_grad():
-                ref_lp = sequence_logprob(forward_logits(ref, batch), labels)
+                ref_lp = _sequence_logprob(ref, batch)
         return dpo_loss(pol[:n], pol[n:], ref_lp[:n], ref_lp[n:], beta)
 
     return fn

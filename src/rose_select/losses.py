@@ -46,6 +46,24 @@ def sft_loss_per_example(logits: Tensor, labels: Tensor) -> Tensor:
     return ce.sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def sum_per_row(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """Sum of packed per-token ``values`` into their batch ``rows``: ``[n_rows]``."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+def packed_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """Log-probability of each packed response token: ``logits [n, V]``, ``targets [n]`` -> ``[n]``."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def sft_loss_from_packed(logp: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """``sft_loss_per_example`` from packed token log-probs: mean over each row's own tokens."""
+    count = sum_per_row(torch.ones_like(logp), rows, n_rows)
+    return -sum_per_row(logp, rows, n_rows) / count.clamp(min=1)
+
+
 def dpo_loss(pol_w: Tensor, pol_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float = 0.1) -> Tensor:
     """DPO loss per triple: ``-logsigmoid(beta * ((pol_w - ref_w) - (pol_l - ref_l)))``."""
     return -F.logsigmoid(beta * ((pol_w - ref_w) - (pol_l - ref_l)))
