@@ -6,29 +6,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from rose_select.errors import ConfigError, StoreMismatchError
 from rose_select.featurize import FeaturizeConfig, run_featurize
-from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
+from rose_select.modeling import load_model
 
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_model_dir, tmp_path_factory):
-    from safetensors.torch import save_file
+    from rose_select.testing import write_lora_checkpoint
 
-    out = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    model = attach_lora(load_model(str(tiny_model_dir)), LoraSettings(r=2, alpha=4.0, dropout=0.0))
-    tensors = {}
-    with torch.no_grad():
-        for n, p in lora_parameters(model).items():
-            p.normal_(0, 0.2)
-            tensors[f"exp_avg/{n}"] = torch.randn(p.shape) * 1e-3
-            tensors[f"exp_avg_sq/{n}"] = torch.rand(p.shape) * 1e-5 + 1e-7
-    model.save_pretrained(out)
-    save_file(tensors, str(out / "optimizer_state.safetensors"), metadata={"step": "1"})
-    return out
+    return write_lora_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

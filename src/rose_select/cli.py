@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rose_select import __version__
@@ -62,7 +63,7 @@ def _stage_main(name: str, argv: list[str]) -> int:
             return handled
     cfg = from_args(cfg_cls, args, args.config)
     result = fn(cfg)
-    if result is not None:
+    if result is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per rank
         print(result)
     return 0
 

@@ -709,6 +709,10 @@ def _row_triple(rec, fmt: str, where: _Where, stem: str, subtask: str, subtask_f
 def _sniff_preference(rec, where: _Where) -> str:
     if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
         return "trl" if "prompt" in rec or not isinstance(rec["chosen"], str) else "hh"
+    if isinstance(rec, dict) and ("chosen" in rec) != ("rejected" in rec):  # half a pair: say which half
+        missing = "rejected" if "chosen" in rec else "chosen"
+        raise where.error("missing_field", f"missing field (a preference row needs both chosen and "
+                          f"rejected; keys seen: {sorted(rec)})", missing)
     keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
     raise where.error("unknown_format", f"unknown preference format; keys seen: {keys}; expected a ROSE "
                       "prompt->{responses,pairs,...} object, {prompt,chosen,rejected} or {chosen,rejected}")

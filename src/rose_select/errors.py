@@ -44,3 +44,7 @@ class ModelLoadError(RoseError, ValueError):
 
 class NonFiniteError(RoseError, ValueError):
     """A loss or gradient is NaN/inf; names the offending example ids."""
+
+
+class PeerError(RoseError, RuntimeError):
+    """Another process of a multi-process run failed; this one stops too (its error is above)."""

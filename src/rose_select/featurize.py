@@ -11,10 +11,15 @@ Losses:
 for Adam). Without one, a fresh LoRA adapter (``lora`` settings, peft's init: B = 0, so only the B
 matrices have non-zero gradients) is attached: base-model features, for ablations.
 
-Batches are formed once over all of this shard's rows (sorted by length, for little padding) and a
-batch is computed whenever any of its rows is pending, so an interrupted and resumed run computes
-exactly the batches, and therefore the bytes, of an uninterrupted one. Rows are written back at
-their input positions. Features are taken in eval mode (no LoRA dropout).
+Batches are planned once over all rows (sorted by length, for little padding), whatever the
+number of processes, and a batch is computed whenever any of its rows is pending, so an
+interrupted and resumed run, or a run in 1, 2 or N processes, computes exactly the batches, and
+therefore the bytes, of an uninterrupted single-process one (on CPU: at the same number of threads
+per process; the intra-op thread count can change the last bits of some rows). Rows are written
+back at their input positions. Features are taken in eval mode (no LoRA dropout).
+
+Several processes (``torchrun ... -m rose_select featurize`` or ``rose featurize --nproc N``):
+whole batches are dealt to ranks round-robin and rank 0 writes every row (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rose_select.errors import ConfigError
+from rose_select.errors import ConfigError, DataError, NonFiniteError, StoreMismatchError
 from rose_select.modeling import LoraSettings
 
 log = logging.getLogger(__name__)
 LOSSES = ("sft", "pairwise", "sft_chosen")
-FEATURIZE_VERSION = 1
+FEATURIZE_VERSION = 2  # 2: one global batch plan; a fresh adapter is seeded
 
 
 @dataclass
@@ -52,10 +57,11 @@ class FeaturizeConfig:
     ref: str = field(default="base", metadata={"help": "pairwise reference: base (adapters off) | self | <model path>"})
     projection: str = field(default="sjlt", metadata={"help": "none | rademacher | sjlt"})
     dim: int = field(default=8192, metadata={"help": "projection dimension (ignored for none)"})
-    seed: int = field(default=0, metadata={"help": "projection seed (shared by both sides)"})
+    seed: int = field(default=0, metadata={"help": "projection seed (shared by both sides); also seeds a fresh adapter"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
     max_length: int = field(default=512, metadata={"help": "maximum tokens per sequence"})
     template: str = field(default="auto", metadata={"help": "auto | chat | less"})
+    truncation: str = field(default="auto", metadata={"help": "auto | keep_start | keep_end (as in training; see tokenization.py)"})
     padding_side: str = field(default="right", metadata={"help": "left | right"})
     dtype: str = field(default="float16", metadata={"help": "storage dtype: float16 | float32"})
     model_dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16 | float64"})
@@ -88,6 +94,8 @@ class FeaturizeConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.truncation not in ("auto", "keep_start", "keep_end"):
+            raise ConfigError(f"truncation must be auto|keep_start|keep_end, got {self.truncation!r}")
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be left|right, got {self.padding_side!r}")
         if self.dtype not in ("float16", "float32"):
@@ -108,12 +116,14 @@ class FeaturizeConfig:
 
 # --------------------------------------------------------------------------- helpers
 
-def resolve_device(device: str):
+def resolve_device(device: str, local_rank: int | None = None):
+    """The torch device; in a multi-process run a CUDA device is ``cuda:LOCAL_RANK``."""
     import torch
 
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if local_rank is not None and dev.type == "cuda" else dev
 
 
 def autocast_dtype(cfg: FeaturizeConfig, device):
@@ -126,35 +136,56 @@ def autocast_dtype(cfg: FeaturizeConfig, device):
     return getattr(torch, cfg.autocast)
 
 
+def _in_file(err: DataError, path: str) -> DataError:
+    """The same problem, with the data file named (tokenisation knows only the record)."""
+    if err.path is not None:
+        return err
+    return DataError(err.problem, path=path, line=err.line, record=err.record, field=err.field)
+
+
+def _encode_all(items, encode, path: str) -> list:
+    try:
+        return [encode(item) for item in items]
+    except DataError as e:
+        raise _in_file(e, path) from None
+
+
 def _load_items(cfg: FeaturizeConfig, tokenizer):
     """(ids, groups, encodings) where an encoding is a list of rows (1 row, or chosen+rejected)."""
     from rose_select import data
-    from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record, encode_triple
     from rose_select.records import Message
+    from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record, encode_triple
 
-    tcfg = TokenizeConfig(max_length=cfg.max_length, template=cfg.template)
+    tcfg = TokenizeConfig(max_length=cfg.max_length, template=cfg.template, truncation=cfg.truncation)
     if cfg.data_kind == "pool":
         recs = data.load_pool(cfg.data, format=cfg.data_format, limit=cfg.limit)
-        return [r.id for r in recs], None, [[encode_record(r, tokenizer, tcfg)] for r in recs]
+        return [r.id for r in recs], None, _encode_all(recs, lambda r: [encode_record(r, tokenizer, tcfg)], cfg.data)
     triples = data.load_preferences(cfg.data, format=cfg.data_format)
     if cfg.limit is not None:
         triples = triples[: cfg.limit]
     ids, groups = [t.id for t in triples], [t.subtask for t in triples]
     if cfg.loss == "pairwise":
-        encs = []
-        for t in triples:
+        def encode(t):
             e = encode_triple(t, tokenizer, tcfg)
-            encs.append([e["chosen"], e["rejected"]])
+            return [e["chosen"], e["rejected"]]
     else:  # sft_chosen: the chosen answer as an SFT target (pair truncation, as on the pairwise side)
-        encs = [[encode_messages(list(t.prompt) + [Message("assistant", t.chosen)], tokenizer, tcfg,
-                                 record=f"{t.id} (chosen)", pair=True)] for t in triples]
-    return ids, groups, encs
+        def encode(t):
+            return [encode_messages(list(t.prompt) + [Message("assistant", t.chosen)], tokenizer, tcfg,
+                                    record=f"{t.id} (chosen)", pair=True)]
+    return ids, groups, _encode_all(triples, encode, cfg.data)
 
 
-def _plan_batches(rows, encs, batch_size: int) -> list[list[int]]:
-    """Deterministic batches over ``rows``: sorted by (longest sequence, index), then chunked."""
-    order = sorted(rows, key=lambda i: (max(len(e["input_ids"]) for e in encs[i]), i))
+def plan_batches(encs, batch_size: int) -> list[list[int]]:
+    """Batches over every row, whatever the number of processes: rows sorted by (longest
+    sequence, index), then chunked. A row's features depend on its batch (padding width), so one
+    global plan is what makes 1, 2 or N processes, and resumed runs, write the same bytes."""
+    order = sorted(range(len(encs)), key=lambda i: (max(len(e["input_ids"]) for e in encs[i]), i))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def plan_rounds(batches: list[list[int]], world: int) -> list[list[list[int]]]:
+    """Whole batches dealt round-robin: round ``k`` gives batch ``k * world + r`` to rank ``r``."""
+    return [batches[k:k + world] for k in range(0, len(batches), world)]
 
 
 def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: str | None,
@@ -168,7 +199,8 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "model": cfg.model, "model_dtype": cfg.model_dtype,
         "checkpoint": ckpt, "adapter_sha256": adapter_sha,
         "lora": None if cfg.checkpoint else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
-                                             "target_modules": list(cfg.lora.target_modules)},
+                                             "target_modules": list(cfg.lora.target_modules),
+                                             "init_seed": cfg.seed},
         "data": str(Path(cfg.data).resolve()), "data_sha256": data_sha, "data_kind": cfg.data_kind,
         "data_format": cfg.data_format, "limit": cfg.limit,
         "loss": cfg.loss, "adam": cfg.adam,
@@ -176,8 +208,16 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "beta": cfg.beta if cfg.loss == "pairwise" else None,
         "ref": cfg.ref if cfg.loss == "pairwise" else None,
         "projection": projector_fp, "max_length": cfg.max_length, "template": cfg.template,
-        "batch_size": cfg.batch_size, "padding_side": cfg.padding_side, "autocast": cfg.autocast,
+        "truncation": cfg.truncation, "batch_size": cfg.batch_size, "padding_side": cfg.padding_side,
+        "autocast": cfg.autocast,
     }
+
+
+def _settings_token(settings: dict) -> int:
+    """63-bit hash of the settings, local paths left out (nodes may mount data elsewhere)."""
+    from rose_select.io import sha256_json
+
+    return int(sha256_json({k: v for k, v in settings.items() if k not in ("data", "checkpoint")})[:15], 16)
 
 
 def _file_sha(path: str) -> str:
@@ -187,103 +227,237 @@ def _file_sha(path: str) -> str:
     return sha256_file(p) if p.is_file() else f"not-a-file:{path}"
 
 
-# --------------------------------------------------------------------------- the stage
+# --------------------------------------------------------------------------- preparing a job
 
-def run_featurize(cfg: FeaturizeConfig, *, shard: tuple[int, int] = (0, 1),
-                  stop_after_batches: int | None = None) -> Path:
-    """Compute (or resume) the feature store ``cfg.output``; returns its path.
+@dataclass
+class _Job:
+    """Everything a batch needs, loaded and checked before any output exists."""
 
-    ``shard=(rank, world)``: this process computes rows ``rank::world``; rank 0 creates the store
-    and finalizes it when every row is done (other ranks attach). ``stop_after_batches`` stops
-    early without finalizing (tests, smoke runs)."""
+    ids: list
+    groups: Optional[list]
+    encs: list
+    model: object
+    projector: object
+    settings: dict
+    adam: object
+    loss_fn: object
+    amp: object
+    pad_id: int
+    device: object
+
+
+def _load_lora_model(cfg: FeaturizeConfig, device):
+    """The base model with the checkpoint's adapter (or a fresh one, seeded by ``cfg.seed``);
+    only LoRA parameters take gradients. Returns (model, adapter sha256 or None)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from rose_select import gradients as G
-    from rose_select.modeling import attach_lora, load_adapter, load_model, load_tokenizer
-    from rose_select.projection import make_projector
-    from rose_select.store import FeatureStore
-    from rose_select.tokenization import collate
-
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ConfigError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
-    ids, groups, encs = _load_items(cfg, tokenizer)
-    if not ids:
-        raise ConfigError(f"{cfg.data}: no records to featurize")
+    from rose_select.modeling import attach_lora, load_adapter, load_model
 
     model = load_model(cfg.model, dtype=cfg.model_dtype, device=str(device))
     adapter_sha = None
     if cfg.checkpoint:
         model = load_adapter(model, cfg.checkpoint, trainable=True)
-        sft = Path(cfg.checkpoint) / "adapter_model.safetensors"
-        adapter_sha = _file_sha(str(sft))
-    else:
-        model = attach_lora(model, cfg.lora)
+        adapter_sha = _file_sha(str(Path(cfg.checkpoint) / "adapter_model.safetensors"))
+    else:  # peft draws lora_A at random: seed it, or features would differ run to run
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            model = attach_lora(model, cfg.lora)
     model = model.to(device).eval()
-    for p in model.parameters():  # only LoRA parameters take gradients
-        p.requires_grad_(False)
     for n, p in model.named_parameters():
-        if ".lora_A." in n or ".lora_B." in n:
-            p.requires_grad_(True)
+        p.requires_grad_(".lora_A." in n or ".lora_B." in n)
+    return model, adapter_sha
 
-    numels = dict(G.param_numels(model))
+
+def _loss_fn(cfg: FeaturizeConfig, device):
+    from rose_select import gradients as G
+    from rose_select.modeling import load_model
+
+    if cfg.loss != "pairwise":
+        return G.sft_loss_fn
+    ref = cfg.ref
+    if ref not in ("base", "self"):
+        ref = load_model(cfg.ref, dtype=cfg.model_dtype, device=str(device)).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    return G.pairwise_loss_fn(cfg.beta, ref)
+
+
+def _prepare(cfg: FeaturizeConfig, device) -> _Job:
+    from rose_select import gradients as G
+    from rose_select.modeling import load_tokenizer
+    from rose_select.projection import make_projector
+
+    tokenizer = load_tokenizer(cfg.model)
+    ids, groups, encs = _load_items(cfg, tokenizer)
+    if not ids:
+        raise ConfigError(f"{cfg.data}: no records to featurize")
+    model, adapter_sha = _load_lora_model(cfg, device)
     projector = make_projector(cfg.projection, 0 if cfg.projection == "none" else cfg.dim, cfg.seed,
-                               numels, device=device)
-    settings = settings_fingerprint(cfg, projector.fingerprint(), adapter_sha, _file_sha(cfg.data))
-    store_kw = dict(n_rows=len(ids), dim=projector.dim, dtype=cfg.dtype, settings=settings, row_ids=ids)
-    if rank == 0:
-        store = FeatureStore.open(cfg.output, row_groups=groups, **store_kw)
-    else:
-        store = FeatureStore.attach(cfg.output, **store_kw)
-
+                               dict(G.param_numels(model)), device=device)
     adam = None
     if cfg.adam:
         adam = G.load_adam_state(cfg.checkpoint, model, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
                                  eps=cfg.adam_eps, device=device)
-    if cfg.loss == "pairwise":
-        ref = cfg.ref
-        if ref not in ("base", "self"):
-            ref = load_model(cfg.ref, dtype=cfg.model_dtype, device=str(device)).eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-        loss_fn = G.pairwise_loss_fn(cfg.beta, ref)
-    else:
-        loss_fn = G.sft_loss_fn
-    amp = autocast_dtype(cfg, device)
+    settings = settings_fingerprint(cfg, projector.fingerprint(), adapter_sha, _file_sha(cfg.data))
+    return _Job(ids, groups, encs, model, projector, settings, adam, _loss_fn(cfg, device),
+                autocast_dtype(cfg, device), tokenizer.pad_token_id, device)
 
-    pending = set(store.pending().tolist())
-    mine = list(range(rank, len(ids), world))
-    batches = [b for b in _plan_batches(mine, encs, cfg.batch_size) if any(i in pending for i in b)]
-    n_todo = sum(1 for b in batches for i in b if i in pending)
-    pad_id = tokenizer.pad_token_id
-    bar = tqdm(total=n_todo, desc=f"featurize {Path(cfg.output).name}", unit="ex",
-               disable=os.environ.get("ROSE_NO_PROGRESS") == "1", dynamic_ncols=True)
-    t0 = time.perf_counter()
+
+# --------------------------------------------------------------------------- batches and the store
+
+def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
+    """``[len(rows), dim]`` float32 features of one batch, on the job's device."""
+    from rose_select import gradients as G
+    from rose_select.tokenization import collate
+
+    seqs = [job.encs[i][0] for i in rows]
+    row_to_item = None
+    if cfg.loss == "pairwise":
+        seqs += [job.encs[i][1] for i in rows]
+        row_to_item = G.pair_row_to_item(len(rows), job.device)
+    batch = {k: v.to(job.device) for k, v in collate(seqs, job.pad_id, cfg.padding_side).items()}
     try:
-        for k, batch_rows in enumerate(batches):
-            if stop_after_batches is not None and k >= stop_after_batches:
-                return Path(cfg.output)
-            seqs = [e for i in batch_rows for e in encs[i][:1]]
-            row_to_item = None
-            if cfg.loss == "pairwise":
-                seqs += [encs[i][1] for i in batch_rows]
-                row_to_item = G.pair_row_to_item(len(batch_rows), device)
-            batch = {k2: v.to(device) for k2, v in collate(seqs, pad_id, cfg.padding_side).items()}
-            feats = G.per_example_features(model, batch, loss_fn, projector, row_to_item=row_to_item,
-                                           n_items=len(batch_rows), item_ids=[ids[i] for i in batch_rows],
-                                           adam=adam, autocast_dtype=amp)
-            keep = [j for j, i in enumerate(batch_rows) if i in pending]
-            store.write([batch_rows[j] for j in keep], feats[keep].float().cpu().numpy())
-            bar.update(len(keep))
+        feats = G.per_example_features(job.model, batch, job.loss_fn, job.projector, row_to_item=row_to_item,
+                                       n_items=len(rows), item_ids=[job.ids[i] for i in rows],
+                                       adam=job.adam, autocast_dtype=job.amp)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{cfg.data}: {e}; nothing of this batch was written. Check the model "
+                             f"({cfg.model}) and checkpoint ({cfg.checkpoint}) for NaN/inf weights") from None
+    return feats.float()
+
+
+def _store_kwargs(job: _Job, cfg: FeaturizeConfig) -> dict:
+    return dict(n_rows=len(job.ids), dim=job.projector.dim, dtype=cfg.dtype, settings=job.settings,
+                row_ids=job.ids, row_groups=job.groups)
+
+
+def _open_existing(cfg: FeaturizeConfig, job: _Job):
+    """The store to resume (after checking its settings), or None: it is created at the first
+    write, so inputs that fail on the first batch leave no output behind."""
+    from rose_select.store import META, FeatureStore
+
+    if not (Path(cfg.output) / META).exists():
+        if Path(cfg.output).exists() and any(Path(cfg.output).iterdir()):
+            raise StoreMismatchError(f"{cfg.output} exists but is not a feature store (no {META}); "
+                                     f"use a new output directory or delete it")
+        return None
+    return FeatureStore.open(cfg.output, **_store_kwargs(job, cfg))
+
+
+def _done_mask(store, n: int):
+    """``[n]`` uint8, 1 where a row already has features (all 0 before the store exists)."""
+    import numpy as np
+
+    done = np.zeros(n, dtype=np.uint8)
+    if store is not None:
+        done[:] = 1
+        done[store.pending()] = 0
+    return done
+
+
+def _write_round(cfg: FeaturizeConfig, job: _Job, store, round_, got, done) -> tuple[object, int]:
+    """Write the pending rows of a round's batches (creating the store first if needed)."""
+    from rose_select.store import FeatureStore
+
+    store = store or FeatureStore.open(cfg.output, **_store_kwargs(job, cfg))
+    written = 0
+    for rows, feats in zip(round_, got):
+        keep = [j for j, i in enumerate(rows) if not done[i]]
+        store.write([rows[j] for j in keep], feats[keep].numpy())
+        written += len(keep)
+    return store, written
+
+
+def _round(cfg: FeaturizeConfig, job: _Job, d, store, round_, done) -> tuple[object, int]:
+    """One round: every rank computes its batch (if it has one), rank 0 writes them all; a
+    failure anywhere stops every rank. Returns (store, rows written)."""
+    from rose_select import distributed as D
+
+    mine = round_[d.rank] if d.rank < len(round_) else None
+    feats, err = D.attempt(lambda: _batch_features(cfg, job, mine)) if mine else (None, None)
+    D.agree(d, err)
+    got = D.gather_features(d, feats, cfg.batch_size, job.projector.dim)
+    if not d.is_main:
+        D.agree(d, None)  # learns whether rank 0's write failed
+        return store, 0
+    outcome, err = D.attempt(lambda: _write_round(cfg, job, store, round_, got, done))
+    D.agree(d, err)
+    return outcome
+
+
+def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, store, rounds, done, stop_after: int | None):
+    """All rounds, with a progress bar on rank 0. Returns (store, finished)."""
+    from tqdm.auto import tqdm
+
+    todo = sum(1 for r in rounds for b in r for i in b if not done[i])
+    bar = tqdm(total=todo, desc=f"featurize {Path(cfg.output).name}", unit="ex", dynamic_ncols=True,
+               disable=os.environ.get("ROSE_NO_PROGRESS") == "1" or not d.is_main)
+    try:
+        for k, round_ in enumerate(rounds):
+            if stop_after is not None and k >= stop_after:
+                return store, False
+            store, written = _round(cfg, job, d, store, round_, done)
+            bar.update(written)
     finally:
         bar.close()
-    if n_todo:
-        log.info("featurized %d rows in %.1fs", n_todo, time.perf_counter() - t0)
-    if rank == 0 and world == 1:
-        store.finalize()
-    elif rank == 0 and store.pending().size == 0:
-        store.finalize()
+    return store, True
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None,
+                  stats: dict | None = None) -> Path:
+    """Compute (or resume) the feature store ``cfg.output``; returns its path.
+
+    Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) every process calls this; they
+    split the batches and rank 0 writes the store. The store is created only once the first
+    batch has features, after inputs, model and checkpoint were all loaded and checked.
+    ``stop_after_batches`` stops after that many rounds without finalizing (tests, smoke runs).
+    ``stats``, if given, receives ``batches`` and ``seconds`` of this process's batch loop
+    (benchmarks)."""
+    from rose_select import distributed as D
+
+    _, world, local_rank = D.env_ranks()
+    device = resolve_device(cfg.device, local_rank if world > 1 else None)
+    d = D.start(device.type == "cuda")
+    try:
+        job, err = D.attempt(lambda: _prepare(cfg, device))
+        tokens = D.agree(d, err, token=_settings_token(job.settings) if job else 0)
+        if len(set(tokens)) > 1:
+            raise ConfigError(f"the ranks loaded different inputs (settings hashes {tokens}): every node "
+                              f"needs the same model, checkpoint and data files")
+        store, err = D.attempt(lambda: _open_existing(cfg, job)) if d.is_main else (None, None)
+        D.agree(d, err)
+        done = D.broadcast_mask(d, _done_mask(store, len(job.ids)))
+        batches = [b for b in plan_batches(job.encs, cfg.batch_size) if not all(done[i] for i in b)]
+        t0 = time.perf_counter()
+        store, finished = _run_rounds(cfg, job, d, store, plan_rounds(batches, d.world), done,
+                                      stop_after_batches)
+        seconds = time.perf_counter() - t0
+        if stats is not None:
+            stats.update(batches=len(batches), seconds=seconds)
+        if d.is_main and finished and store is not None and not store.meta.get("complete"):
+            log.info("featurized %d batches in %.1fs", len(batches), seconds)
+            store.finalize()
+    finally:
+        D.stop(d)
     return Path(cfg.output)
+
+
+# --------------------------------------------------------------------------- CLI hooks
+
+def add_cli_arguments(command: str, parser) -> None:
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine: >1 starts torchrun with that many (default 1; "
+                             "for several machines run torchrun yourself, see the README)")
+
+
+def handle_cli(command: str, args) -> int | None:
+    if args.nproc == 1:
+        return None
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    from rose_select import distributed as D
+    from rose_select.config import from_args
+
+    return D.launch("featurize", from_args(FeaturizeConfig, args, args.config), args.nproc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -115,10 +116,13 @@ def load_model(name: str, *, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    try:  # weights_only: a pickled .bin yields tensors or an error, never code execution
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), weights_only=True)
     except OSError as e:
         raise ModelLoadError(f"cannot load model {name!r}: {e}") from None
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"{name}: refusing a pickled checkpoint that holds more than tensors; "
+                             f"convert it to safetensors from a trusted source") from None
     return model.to(device).eval()
 
 
@@ -138,7 +142,11 @@ def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = True):
     if not (adapter_dir / "adapter_config.json").exists():
         raise CheckpointError(f"{adapter_dir}: no adapter_config.json (not a LoRA checkpoint); "
                               f"found {sorted(p.name for p in adapter_dir.glob('*'))[:10]}")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    try:  # peft reads a pickled adapter_model.bin with torch.load(weights_only=True)
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{adapter_dir}: refusing a pickled adapter that holds more than tensors; "
+                              f"save it as adapter_model.safetensors") from None
 
 
 def canonical_name(peft_name: str) -> str:
@@ -192,7 +200,7 @@ def load_optimizer_state(ckpt_dir: str | Path, names) -> tuple[dict, dict]:
         found = sorted(p.name for p in ckpt_dir.glob("*")) if ckpt_dir.exists() else "directory missing"
         raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors, needed for Adam-preconditioned "
                               f"features (found: {found}). Pickled optimizer.pt/optimizer.bin files are not "
-                              "read; re-run the warm-up with rose, or featurize with --no-adam.")
+                              "read; re-run the warm-up with rose, or featurize with --adam false.")
     with safe_open(str(path), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata() or {}
         missing = [n for n in names if f"exp_avg/{n}" not in keys or f"exp_avg_sq/{n}" not in keys]

@@ -322,7 +322,11 @@ class FeatureStore:
 
 
 def _open_array(path: Path, mode: str, dtype, shape: tuple) -> np.ndarray:
-    arr = np.lib.format.open_memmap(path, mode=mode)
+    try:  # an object-dtype (pickled) array is refused by open_memmap before any unpickling
+        arr = np.lib.format.open_memmap(path, mode=mode)
+    except ValueError as e:
+        raise StoreMismatchError(f"{path} is damaged or not a plain numeric array ({e}); "
+                                 f"delete {path.parent} to recompute") from None
     if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
         raise StoreMismatchError(f"{path} is damaged: shape {list(arr.shape)} {arr.dtype}, "
                                  f"meta.json says {list(shape)} {np.dtype(dtype)}; "

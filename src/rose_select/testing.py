@@ -61,3 +61,39 @@ def write_tiny_model_dir(path: str | Path, *, seed: int = 0, chat_template: bool
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def poison_embeddings(path: str | Path, text: str) -> list[int]:
+    """Set the input embeddings of ``text``'s tokens to NaN in a saved model directory, so that
+    exactly the examples containing ``text`` get non-finite losses (tests of error reporting)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    ids = AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"]
+    weights = load_file(str(path / "model.safetensors"))
+    weights["model.embed_tokens.weight"][ids] = float("nan")
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return ids
+
+
+def write_lora_checkpoint(model: str | Path, out: str | Path, lora=None, *, seed: int = 0) -> Path:
+    """A warm-up-like checkpoint without training (tests, benches): the base model with random
+    LoRA weights (A and B non-zero, so every gradient block is) and random Adam moments."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(load_model(str(model)), lora or LoraSettings(r=2, alpha=4.0, dropout=0.0))
+    moments = {}
+    with torch.no_grad():
+        for name, p in lora_parameters(peft_model).items():
+            p.normal_(0, 0.2)
+            moments[f"exp_avg/{name}"] = torch.randn(p.shape) * 1e-3
+            moments[f"exp_avg_sq/{name}"] = torch.rand(p.shape) * 1e-5 + 1e-7
+    peft_model.save_pretrained(out)
+    save_file(moments, str(out / "optimizer_state.safetensors"), metadata={"step": "1"})
+    return out
