@@ -81,7 +81,7 @@ def test_table1_subtasks_figure3_share_runs(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     cfg.experiment = "subtasks"
     out = run_experiment(cfg)
-    assert "run bake_val" in capsys.readouterr().out
+    assert "run bake_val: finished before with this config, reused" in capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["target"], r["subtask"]) for r in rows] == [("bake_val", "baking"), ("bake_val", "science"),
                                                           ("court_val", "law")]

@@ -27,11 +27,11 @@ def test_every_method_selects_from_a_real_pool_on_the_embedded_model(tmp_path):
     warm, _ = _stage_configs(cfg, run, pool, validation)
     run_warmup(warm)
     ckpts = _checkpoints(cfg, run / "warmup")
-    for _, fcfg in _featurize_jobs(cfg, run, pool, validation, ckpts):
+    for _, fcfg in _featurize_jobs(cfg, run, run, pool, validation, ckpts):
         run_featurize(fcfg)
     picked = {}
     for method in METHODS:
-        out = run_select(_select_config(cfg, run, method, pool, validation, ckpts))
+        out = run_select(_select_config(cfg, run, run, method, pool, validation, ckpts))
         rows = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
         scores = np.load(out / "scores.npy")
         assert scores.shape == (24,) and np.isfinite(scores).all(), method

@@ -141,8 +141,24 @@ def _run(cfg: ExperimentConfig, name: str, **changes) -> Path:
     out = Path(cfg.output_dir)
     run_cfg = replace(cfg.base, output_dir=str(out / "runs" / name), shared_dir=str(out / "shared"),
                       select=select, featurize=featurize, evaluate=evaluate, **changes)
+    if finished_with(Path(run_cfg.output_dir), run_cfg):
+        print(f"[rose experiment] run {name}: finished before with this config, reused", flush=True)
+        return Path(run_cfg.output_dir)
     print(f"[rose experiment] run {name}", flush=True)
     return run_pipeline(run_cfg)
+
+
+def finished_with(run: Path, run_cfg: RunConfig) -> bool:
+    """A run that completed (``results.json``) with exactly this config is reused as it is, so
+    the experiments that share runs (table1, subtasks, figure3) only aggregate; ``rose run`` on
+    the run directory re-checks every stage."""
+    import yaml
+
+    from rose_select.config import to_dict
+
+    if not (run / "results.json").exists() or not (run / "config.yaml").exists():
+        return False
+    return yaml.safe_load((run / "config.yaml").read_text()) == json.loads(json.dumps(to_dict(run_cfg)))
 
 
 def _metrics(run: Path, method: str) -> dict:

@@ -172,7 +172,7 @@ def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validati
     f, methods = cfg.featurize, set(cfg.select.methods)
     common = dict(model=cfg.model, lora=cfg.lora, projection=f.projection, dim=f.dim, seed=f.seed,
                   batch_size=f.batch_size, max_length=cfg.tokenize.max_length, template=cfg.tokenize.template,
-                  dtype=f.dtype, device=cfg.device)
+                  truncation=cfg.tokenize.truncation, dtype=f.dtype, device=cfg.device)
     jobs = []
     for ck in ckpts:
         base = run / "features" / ck.name
