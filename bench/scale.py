@@ -49,10 +49,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 # ---------------------------------------------------------------------------- inputs
 
 def write_inputs(args, work: Path) -> tuple[Path, Path]:
@@ -90,10 +86,12 @@ def worker(config: str, report_dir: str) -> int:
 
 def parse_runs(spec: str) -> list[tuple[int, int]]:
     """``"1,2,1x1"`` -> ``[(1, cores), (2, cores // 2), (1, 1)]`` (processes, threads each)."""
+    from rose_select.distributed import threads_per_process
+
     runs = []
     for item in spec.split(","):
         n, _, t = item.strip().partition("x")
-        runs.append((int(n), int(t) if t else max(1, cores() // int(n))))
+        runs.append((int(n), int(t) if t else threads_per_process(int(n))))
     return runs
 
 
@@ -167,6 +165,8 @@ def table(feat_rows: list[dict], scored: dict | None) -> str:
 
 
 def main(argv=None) -> int:
+    from rose_select.distributed import available_cores
+
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker, args.report_dir)
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     feat_rows = featurize_all(args, work)
     scored = score(args, work)
     report = {"model": args.model, "examples": args.examples, "max_length": args.max_length,
-              "batch_size": args.batch_size, "dim": args.dim, "lora_r": args.lora_r, "cores": cores(),
+              "batch_size": args.batch_size, "dim": args.dim, "lora_r": args.lora_r, "cores": available_cores(),
               "featurize": feat_rows, "score": scored, "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

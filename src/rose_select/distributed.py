@@ -152,11 +152,14 @@ def broadcast_mask(d: Dist, mask) -> "object":
 
 # --------------------------------------------------------------------------- launching
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def threads_per_process(nproc: int, cores: int | None = None) -> int:
     """CPU threads for each of ``nproc`` processes sharing this machine's cores."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // nproc)
+    return max(1, (available_cores() if cores is None else cores) // nproc)
 
 
 def torchrun_command(nproc: int, module_args: Sequence[str]) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from rose_select.errors import ConfigError
-from rose_select.pipeline import BUILTIN, RunConfig
+from rose_select.pipeline import BUILTIN, RunConfig, eval_config, markdown
 
 EXPERIMENTS = ("table1", "subtasks", "figure3", "table2", "table3", "figure4", "table9")
 DEFAULT_TARGETS = [f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json",
@@ -122,13 +122,6 @@ def correlations(x, y) -> dict:
     return {"pearson": nan_none(_corr(x, y)), "spearman": nan_none(_corr(_ranks(x), _ranks(y))), "n": int(len(x))}
 
 
-def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
-    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
-
-
 # ------------------------------------------------------------------------------------- runs
 
 def _run(cfg: ExperimentConfig, name: str, **changes) -> Path:
@@ -215,7 +208,7 @@ def figure3(cfg: ExperimentConfig, out: Path) -> dict:
     data) against held-out accuracy: the paper finds the SFT loss does not track the target metric
     and the pairwise loss does. One point per trained model (method) and target."""
     from rose_select import plots
-    from rose_select.evaluation import EvalConfig, run_evaluate
+    from rose_select.evaluation import run_evaluate
     from rose_select.pipeline import resolve_input
 
     runs = _target_runs(cfg)
@@ -223,15 +216,11 @@ def figure3(cfg: ExperimentConfig, out: Path) -> dict:
     for name, run in runs.items():
         target = resolve_input(next(t for t in cfg.targets if target_name(t) == name))
         for m in cfg.method_list():
-            adapter = _adapter_of(run, m)
-            e = cfg.base.evaluate
             val_dir = out / "validation_loss" / name / m
             if not (val_dir / "metrics.json").exists():
-                run_evaluate(EvalConfig(model=cfg.base.model, adapter=str(adapter), preferences=[target],
-                                        beta=e.beta, batch_size=e.batch_size, max_length=cfg.base.tokenize.max_length,
-                                        template=cfg.base.tokenize.template, device=cfg.base.device,
-                                        reference_cache=str(out / "validation_loss" / name / "reference_logps.npz"),
-                                        output=str(val_dir)))
+                run_evaluate(eval_config(cfg.base, output=val_dir, test_prompts=False, adapter=_adapter_of(run, m),
+                                         reference_cache=out / "validation_loss" / name / "reference_logps.npz",
+                                         preferences=[target]))
             val = json.loads((val_dir / "metrics.json").read_text())["overall"]
             held = _metrics(run, m)["overall"]
             points.append({"target": name, "method": m, "val/loss_sft": val["loss/sft"],
@@ -245,9 +234,8 @@ def figure3(cfg: ExperimentConfig, out: Path) -> dict:
                                                                  [p["heldout/rewards_accuracies"] for p in pts])
             stats[f"{loss} vs margin [{name}]"] = correlations([p[loss] for p in pts],
                                                                [p["heldout/rewards_margins"] for p in pts])
-        pts = points
-        plots.scatter_with_fit([p[loss] for p in pts], [p["heldout/rewards_accuracies"] for p in pts],
-                               [f"{p['method']}/{p['target']}" for p in pts], out / f"figure3_{loss.split('_')[-1]}.png",
+        plots.scatter_with_fit([p[loss] for p in points], [p["heldout/rewards_accuracies"] for p in points],
+                               [f"{p['method']}/{p['target']}" for p in points], out / f"figure3_{loss.split('_')[-1]}.png",
                                xlabel=f"validation {loss.split('/')[-1]} (few-shot set)",
                                ylabel="held-out preference accuracy", title=f"Figure 3: {loss} vs accuracy")
     stat_rows = [{"comparison": k, **v} for k, v in stats.items()]
@@ -257,13 +245,12 @@ def figure3(cfg: ExperimentConfig, out: Path) -> dict:
     return {"rows": points, "correlations": stats, "markdown": md, "runs": {k: str(v) for k, v in runs.items()}}
 
 
-def _adapter_of(run: Path, method: str) -> Path:
-    stages = json.loads((run / "stages.json").read_text())
-    ecfg = run / "eval" / method / "metrics.json"
-    adapter = json.loads(ecfg.read_text())["config"]["adapter"]
-    if not adapter or f"evaluate/{method}" not in stages:
+def _adapter_of(run: Path, method: str) -> str:
+    """The adapter a finished run evaluated for ``method`` (as its metrics record it)."""
+    adapter = _metrics(run, method)["config"]["adapter"]
+    if not adapter:
         raise ConfigError(f"{run}: no trained model for method {method!r}")
-    return Path(adapter)
+    return adapter
 
 
 def table2(cfg: ExperimentConfig, out: Path) -> dict:
@@ -326,7 +313,7 @@ def figure4(cfg: ExperimentConfig, out: Path) -> dict:
 def table9(cfg: ExperimentConfig, out: Path) -> dict:
     """Select with ``base.model``; train each of ``models`` on those selections (same recipe) and
     evaluate it against its own base model on the same held-out pairs."""
-    from rose_select.evaluation import EvalConfig, run_evaluate
+    from rose_select.evaluation import run_evaluate
     from rose_select.pipeline import _stage_configs, heldout_triples, resolve_input
     from rose_select.training import run_train
 
@@ -334,7 +321,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
                       select={"methods": cfg.method_list()})
     rows = _method_rows(source_run, cfg.method_list(), select_model=cfg.base.model, train_model=cfg.base.model)
     _, triples = heldout_triples(cfg.base, resolve_input(cfg.base.validation))
-    e, pool = cfg.base.evaluate, resolve_input(cfg.base.pool)
+    pool = resolve_input(cfg.base.pool)
     for model in cfg.models:
         if model == cfg.base.model:
             continue
@@ -347,10 +334,8 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
                 tcfg = replace(train_cfg, full=m == "full", output=str(root / "train" / m),
                                selection=None if m == "full" else str(source_run / "select" / m / "selected.jsonl"))
                 adapter = str(run_train(tcfg) / "adapter")
-            ecfg = EvalConfig(model=model, adapter=adapter, beta=e.beta, batch_size=e.batch_size,
-                              max_length=cfg.base.tokenize.max_length, template=cfg.base.tokenize.template,
-                              device=cfg.base.device, reference_cache=str(root / "reference_logps.npz"),
-                              output=str(root / "eval" / m))
+            ecfg = eval_config(base_cfg, output=root / "eval" / m, test_prompts=False, adapter=adapter,
+                               reference_cache=root / "reference_logps.npz")
             overall = json.loads((run_evaluate(ecfg, triples=triples) / "metrics.json").read_text())["overall"]
             rows.append({"select_model": cfg.base.model, "train_model": model, "method": m,
                          "n_heldout": overall.get("n"), **{k: overall.get(k) for k in METRICS}})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -53,6 +53,7 @@ class AdamState:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    _terms: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # see ``apply``
 
     def to(self, device, dtype=torch.float32) -> "AdamState":
         moved = {n: (m.to(device, dtype).reshape(-1), v.to(device, dtype).reshape(-1))
@@ -63,12 +64,11 @@ class AdamState:
         """``adam_transform`` of a ``[B, P]`` block, with the per-parameter terms ``beta1 m`` and
         ``beta2 v + eps`` computed once per checkpoint: four passes over the block instead of nine
         (the transform is a large share of featurization time at high LoRA rank)."""
-        cache = self.__dict__.setdefault("_terms", {})
-        if name not in cache:
+        if name not in self._terms:
             m, v = self.moments[name]
             m, v = m.reshape(-1), v.reshape(-1)
-            cache[name] = (self.beta1 * m, self.beta2 * v + self.eps)
-        m_term, v_term = cache[name]
+            self._terms[name] = (self.beta1 * m, self.beta2 * v + self.eps)
+        m_term, v_term = self._terms[name]
         g = g.to(m_term.dtype)
         denom = torch.addcmul(v_term, g, g, value=1 - self.beta2).sqrt_()
         return torch.add(m_term, g, alpha=1 - self.beta1).div_(denom)

@@ -173,19 +173,26 @@ def lora_parameters(model) -> "OrderedDict[str, object]":
 
 def save_optimizer_state(path: str | Path, model, optimizer, *, step: int) -> None:
     """Adam moments keyed by canonical parameter name, in safetensors (no pickle)."""
+    group = optimizer.param_groups[0]
+    moments = {name: (optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])
+               for name, p in lora_parameters(model).items() if "exp_avg" in optimizer.state.get(p, {})}
+    save_adam_moments(path, moments, step=step, beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
+
+
+def save_adam_moments(path: str | Path, moments: dict, *, step: int, beta1: float = 0.9, beta2: float = 0.999,
+                      eps: float = 1e-8) -> None:
+    """``{canonical name: (exp_avg, exp_avg_sq)}`` as ``optimizer_state.safetensors``, the one
+    format ``load_optimizer_state`` reads."""
     import torch
     from safetensors.torch import save_file
 
     from rose_select.io import atomic_path
 
-    tensors, group = {}, optimizer.param_groups[0]
-    for name, p in lora_parameters(model).items():
-        st = optimizer.state.get(p, {})
-        if "exp_avg" not in st:
-            continue
-        tensors[f"exp_avg/{name}"] = st["exp_avg"].detach().to("cpu", torch.float32).contiguous()
-        tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().to("cpu", torch.float32).contiguous()
-    meta = {"step": str(step), "beta1": str(group["betas"][0]), "beta2": str(group["betas"][1]), "eps": str(group["eps"])}
+    tensors = {}
+    for name, (m, v) in moments.items():
+        tensors[f"exp_avg/{name}"] = m.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"exp_avg_sq/{name}"] = v.detach().to("cpu", torch.float32).contiguous()
+    meta = {"step": str(step), "beta1": str(beta1), "beta2": str(beta2), "eps": str(eps)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 

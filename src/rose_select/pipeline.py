@@ -227,6 +227,18 @@ def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: s
         knn_k=s.knn_k, device="cpu" if cfg.device == "auto" else cfg.device, output=str(run / "select" / method))
 
 
+def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides):
+    """A run's evaluation settings (its evaluate section, model, tokenisation, device).
+    ``test_prompts=False`` leaves out the golden-answer prompts and the judge (preference pairs only)."""
+    from rose_select.evaluation import EvalConfig
+
+    e = cfg.evaluate
+    extra = dict(test_prompts=e.test_prompts, judge=e.judge, max_new_tokens=e.max_new_tokens) if test_prompts else {}
+    return EvalConfig(model=cfg.model, beta=e.beta, batch_size=e.batch_size, max_length=cfg.tokenize.max_length,
+                      template=cfg.tokenize.template, device=cfg.device, reference_cache=str(reference_cache),
+                      output=str(output), **extra, **overrides)
+
+
 def heldout_triples(cfg: RunConfig, validation: str):
     """Held-out pairs: the larger-shot file minus every prompt used for selection (deterministic)."""
     from rose_select.data import find_heldout_file, heldout_pairs, load_preferences
@@ -251,7 +263,7 @@ def heldout_triples(cfg: RunConfig, validation: str):
 def run_pipeline(cfg: RunConfig) -> Path:
     """The whole pipeline; returns the run directory (with report.md)."""
     from rose_select.config import save_yaml
-    from rose_select.evaluation import EvalConfig, run_evaluate
+    from rose_select.evaluation import run_evaluate
     from rose_select.featurize import run_featurize
     from rose_select.selectors import run_select
     from rose_select.training import run_train, run_warmup
@@ -278,13 +290,9 @@ def run_pipeline(cfg: RunConfig) -> Path:
         scfg = _select_config(cfg, run, shared, method, pool, validation, ckpts)
         ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
     heldout_source, triples = heldout_triples(cfg, validation)
-    e = cfg.evaluate
-    eval_common = dict(model=cfg.model, beta=e.beta, batch_size=e.batch_size, max_length=cfg.tokenize.max_length,
-                       template=cfg.tokenize.template, test_prompts=e.test_prompts, judge=e.judge,
-                       max_new_tokens=e.max_new_tokens, device=cfg.device,
-                       reference_cache=str(run / "eval" / "reference_logps.npz"))
-    fp_eval = _fp(e, data_fp, [t.id for t in triples])
-    base_eval = EvalConfig(**eval_common, output=str(run / "eval" / "base"))
+    reference_cache = run / "eval" / "reference_logps.npz"
+    fp_eval = _fp(cfg.evaluate, data_fp, [t.id for t in triples])
+    base_eval = eval_config(cfg, output=run / "eval" / "base", reference_cache=reference_cache)
     ledger.run("evaluate/base", _fp(base_eval, fp_eval), [run / "eval" / "base"],
                lambda: str(run_evaluate(base_eval, triples=triples)))
     for method in cfg.select.methods:
@@ -297,7 +305,8 @@ def run_pipeline(cfg: RunConfig) -> Path:
             tcfg = replace(train_cfg, full=False, selection=str(sel), output=str(run / "train" / method))
             fp_train = _fp(tcfg, ledger.state[f"select/{method}"]["fingerprint"])
             ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
-        ecfg = EvalConfig(**eval_common, adapter=str(Path(tcfg.output) / "adapter"), output=str(run / "eval" / method))
+        ecfg = eval_config(cfg, output=run / "eval" / method, reference_cache=reference_cache,
+                           adapter=str(Path(tcfg.output) / "adapter"))
         ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
                    lambda c=ecfg: str(run_evaluate(c, triples=triples)))
     table = write_report(cfg, run, heldout_source, len(triples), ledger)
@@ -319,18 +328,17 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
+    """Rows of dicts as a markdown table (columns: ``cols`` or every key in order of appearance)."""
+    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
 
 
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:
     from rose_select import plots
-    from rose_select.selection import (overlap_table, read_best_subtasks, read_selection, shares_table,
-                                       subtask_shares)
+    from rose_select.selection import overlap_table, read_selection, reference_subtask_shares, shares_table
 
     methods = cfg.select.methods
     rows = summary_rows(run, methods)
@@ -343,9 +351,8 @@ def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int,
     if matrix is not None:
         plots.overlap_heatmap(matrix, list(sels), run / "overlap.png")
     shares_md = "(no gradient method in this run)"
-    reference = next((m for m in sels if read_best_subtasks(run / "select" / m) is not None), None)
-    if reference is not None:
-        shares = subtask_shares(sels, read_best_subtasks(run / "select" / reference))
+    shares, reference = reference_subtask_shares(sels, {m: run / "select" / m for m in sels})
+    if shares is not None:
         shares_md = f"Subtasks assigned by `{reference}`'s best-matching subtask.\n\n" + shares_table(shares)
         plots.share_bar_chart(shares, run / "subtask_share.png",
                               title=f"share per best-matching subtask (assigned by {reference})")

@@ -304,6 +304,17 @@ def subtask_shares(selections: Mapping[str, Sequence[str]], best_subtask: Mappin
     return out
 
 
+def reference_subtask_shares(selections: Mapping[str, Sequence[str]],
+                             dirs: Mapping[str, str | os.PathLike]) -> tuple[dict | None, str | None]:
+    """``(subtask_shares, reference name)`` with subtasks assigned by the first of ``dirs`` (name ->
+    selection directory) that has a per-subtask breakdown; ``(None, None)`` when none has."""
+    for name, path in dirs.items():
+        best = read_best_subtasks(path) if Path(path).is_dir() else None
+        if best is not None:
+            return subtask_shares(selections, best), name
+    return None, None
+
+
 def shares_table(shares: Mapping[str, Mapping[str, float]], label: str = "subtask") -> str:
     """Markdown table: one row per category, one column per selection (percent)."""
     names = list(shares)

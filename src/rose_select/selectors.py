@@ -219,18 +219,13 @@ def handle_cli(command: str, args) -> int | None:
     if not args.compare:
         return None
     from rose_select import plots
-    from rose_select.selection import (overlap_table, read_best_subtasks, read_selection, shares_table,
-                                       subtask_shares)
+    from rose_select.selection import overlap_table, read_selection, reference_subtask_shares, shares_table
 
-    sels = {Path(p).name if Path(p).is_dir() else p: read_selection(p) for p in args.compare}
+    dirs = {Path(p).name if Path(p).is_dir() else p: p for p in args.compare}
+    sels = {name: read_selection(p) for name, p in dirs.items()}
     matrix, table = overlap_table(sels)
     print(table)
-    shares, reference = None, None
-    for p in args.compare:
-        best = read_best_subtasks(p) if Path(p).is_dir() else None
-        if best is not None:
-            shares, reference = subtask_shares(sels, best), Path(p).name
-            break
+    shares, reference = reference_subtask_shares(sels, dirs)
     if shares is not None:
         print(f"\nshare per best-matching subtask (subtasks assigned by {reference}):")
         print(shares_table(shares))

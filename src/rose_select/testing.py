@@ -81,9 +81,8 @@ def write_lora_checkpoint(model: str | Path, out: str | Path, lora=None, *, seed
     """A warm-up-like checkpoint without training (tests, benches): the base model with random
     LoRA weights (A and B non-zero, so every gradient block is) and random Adam moments."""
     import torch
-    from safetensors.torch import save_file
 
-    from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
+    from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters, save_adam_moments
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -92,8 +91,7 @@ def write_lora_checkpoint(model: str | Path, out: str | Path, lora=None, *, seed
     with torch.no_grad():
         for name, p in lora_parameters(peft_model).items():
             p.normal_(0, 0.2)
-            moments[f"exp_avg/{name}"] = torch.randn(p.shape) * 1e-3
-            moments[f"exp_avg_sq/{name}"] = torch.rand(p.shape) * 1e-5 + 1e-7
+            moments[name] = (torch.randn(p.shape) * 1e-3, torch.rand(p.shape) * 1e-5 + 1e-7)
     peft_model.save_pretrained(out)
-    save_file(moments, str(out / "optimizer_state.safetensors"), metadata={"step": "1"})
+    save_adam_moments(out / "optimizer_state.safetensors", moments, step=1)
     return out

@@ -180,12 +180,11 @@ def progress_disabled() -> bool:
 # ---------------------------------------------------------------------------- loss
 
 def per_example_loss(model, batch: dict):
-    """Response-only SFT loss of every example of a collated batch: ``[B]`` mean token CE."""
-    from rose_select.losses import sft_loss_per_example
+    """Response-only SFT loss of every example of a collated batch: ``[B]`` mean token CE; the
+    very function the featurizer differentiates (output head at response positions only)."""
+    from rose_select.gradients import sft_loss_fn
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"])
-    return sft_loss_per_example(out.logits, batch["labels"])
+    return sft_loss_fn(model, batch)
 
 
 # ---------------------------------------------------------------------------- data
