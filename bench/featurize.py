@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from rose_select import gradients as G
+from rose_select.features import gradients as G
 from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
-from rose_select.projection import make_projector, project_full
+from rose_select.features.projection import make_projector
 
 
 def _sync(device):

@@ -70,7 +70,7 @@ def worker(config: str, report_dir: str) -> int:
     import torch
 
     from rose_select.config import load_yaml
-    from rose_select.featurize import FeaturizeConfig, run_featurize
+    from rose_select.features.stage import FeaturizeConfig, run_featurize
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     stats = {}
@@ -86,7 +86,7 @@ def worker(config: str, report_dir: str) -> int:
 
 def parse_runs(spec: str) -> list[tuple[int, int]]:
     """``"1,2,1x1"`` -> ``[(1, cores), (2, cores // 2), (1, 1)]`` (processes, threads each)."""
-    from rose_select.distributed import threads_per_process
+    from rose_select.features.distributed import threads_per_process
 
     runs = []
     for item in spec.split(","):
@@ -117,8 +117,8 @@ def featurize_run(args, cfg_path: Path, out: Path, nproc: int, threads: int) -> 
 
 def featurize_all(args, work: Path) -> list[dict]:
     from rose_select.config import save_yaml
-    from rose_select.featurize import FeaturizeConfig
-    from rose_select.store import open_features
+    from rose_select.features.stage import FeaturizeConfig
+    from rose_select.features.store import open_features
 
     pool, ckpt = write_inputs(args, work)
     rows, first = [], None
@@ -165,7 +165,7 @@ def table(feat_rows: list[dict], scored: dict | None) -> str:
 
 
 def main(argv=None) -> int:
-    from rose_select.distributed import available_cores
+    from rose_select.features.distributed import available_cores
 
     args = parse_args(argv)
     if args.worker:

@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     if args.generate_only:
         write_pool(Path(args.generate_only), args.rows, args.dim, args.seed, args.warm)
         return 0
-    from rose_select.scoring import checkpoint_weights, rose_scores
-    from rose_select.selection import select_top
+    from rose_select.select.scoring import checkpoint_weights, rose_scores
+    from rose_select.select.topk import select_top
 
     workdir = Path(args.workdir)
     n_files = args.checkpoints if args.distinct_checkpoints else 1

@@ -12,7 +12,7 @@ import torch
 
 from rose_select.errors import (CheckpointError, ConfigError, DataError, ModelLoadError, NonFiniteError,
                                 StoreMismatchError)
-from rose_select.featurize import FeaturizeConfig, run_featurize
+from rose_select.features.stage import FeaturizeConfig, run_featurize
 from rose_select.modeling import LoraSettings
 
 MSGS = [{"role": "user", "content": "Tell me about bread."}, {"role": "assistant", "content": "Flour and water."}]
@@ -223,7 +223,7 @@ def test_pickled_checkpoints_are_refused_without_running_code(tiny_model_dir, tm
     bad = np.empty((1, 16), dtype=object)
     bad[0, 0] = _Payload(marker)
     np.save(out / "features.npy", bad, allow_pickle=True)
-    from rose_select.store import open_features
+    from rose_select.features.store import open_features
 
     with pytest.raises(StoreMismatchError, match="not a plain numeric array"):
         open_features(out)

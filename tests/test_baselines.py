@@ -9,13 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from rose_select.baselines import (bm25_scores, dsir_log_weights, dsir_ngrams, dsir_scores,
+from rose_select.select.baselines import (bm25_scores, dsir_log_weights, dsir_ngrams, dsir_scores,
                                    influence_preconditioner, influence_scores, knn_shapley,
                                    knn_shapley_sorted, random_scores, rds_scores, record_text,
                                    triple_text)
 from rose_select.errors import ConfigError
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
-from rose_select.scoring import cosine_matrix
+from rose_select.select.scoring import cosine_matrix
 
 
 def test_random_is_seeded():
@@ -45,7 +45,7 @@ def test_bm25_ranks_shared_words_first():
 
 def test_dsir_ngrams_and_hash_match_the_package():
     assert dsir_ngrams("Hello, World!!") == ["hello", ",", "world", "!!", "hello ,", ", world", "world !!"]
-    from rose_select.baselines import _bucket_fn
+    from rose_select.select.baselines import _bucket_fn
 
     bucket = _bucket_fn(10000)
     for s in ("hello", "hello ,", "über"):

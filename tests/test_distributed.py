@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from rose_select import distributed as D
+from rose_select.features import distributed as D
 from rose_select.errors import ConfigError
-from rose_select.featurize import FeaturizeConfig, plan_batches, plan_rounds, run_featurize
-from rose_select.store import open_features
+from rose_select.features.stage import FeaturizeConfig, plan_batches, plan_rounds, run_featurize
+from rose_select.features.store import open_features
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_env_ranks_and_threads():
 
 
 def test_two_processes_write_the_same_bytes_and_select_the_same(tiny_model_dir, ckpt, tmp_path, one_thread):
-    from rose_select.selectors import SelectConfig, run_select
+    from rose_select.select.stage import SelectConfig, run_select
 
     pool, prefs = _write_pool(tmp_path / "pool.jsonl", 25), _write_prefs(tmp_path / "prefs.jsonl", 7)
     common = dict(model=str(tiny_model_dir), checkpoint=str(ckpt), dim=32, batch_size=3, max_length=64)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rose_select.errors import ConfigError, StoreMismatchError
-from rose_select.featurize import FeaturizeConfig, run_featurize
+from rose_select.features.stage import FeaturizeConfig, run_featurize
 from rose_select.modeling import load_model
 
 
@@ -44,7 +44,7 @@ def _cfg(tiny_model_dir, ckpt, data, out, **kw):
 
 
 def _read(out):
-    from rose_select.store import open_features
+    from rose_select.features.store import open_features
 
     feats, meta, rows = open_features(out)
     return np.array(feats), meta, rows
@@ -62,7 +62,7 @@ def test_end_to_end_resume_and_restart(tiny_model_dir, ckpt, files, tmp_path, lo
     if loss != "sft":
         assert rows["groups"] == ["s0", "s1", "s0", "s1", "s0"]
 
-    import rose_select.gradients as G
+    import rose_select.features.gradients as G
     calls = []
     orig = G.per_example_features
     monkeypatch.setattr(G, "per_example_features", lambda *a, **k: calls.append(1) or orig(*a, **k))
@@ -92,10 +92,10 @@ def test_mismatch_and_validation(tiny_model_dir, ckpt, files, tmp_path, monkeypa
 def test_sft_features_match_loop_projection(tiny_model_dir, ckpt, files, tmp_path, monkeypatch):
     """Stored (projected, Adam) features == the LESS-style loop on the same rows."""
     monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
-    from rose_select import gradients as G
+    from rose_select.features import gradients as G
     from rose_select.data import load_pool
     from rose_select.modeling import load_adapter, load_tokenizer
-    from rose_select.projection import make_projector
+    from rose_select.features.projection import make_projector
     from rose_select.tokenization import TokenizeConfig, collate, encode_record
 
     out = tmp_path / "f"

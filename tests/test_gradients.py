@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rose_select.errors import ConfigError, NonFiniteError
-from rose_select.gradients import (AdamState, adam_transform, forward_logits, loop_features,
+from rose_select.features.gradients import (AdamState, adam_transform, forward_logits, loop_features,
                                    pair_row_to_item, pairwise_loss_fn, per_example_features,
                                    response_logprobs, sft_loss_fn)
 from rose_select.losses import dpo_loss, sequence_logprob, sft_loss_per_example, sum_per_row, token_logprobs
@@ -157,8 +157,8 @@ def test_separate_reference_model(lora_model, tiny_model_dir):
 
 @pytest.mark.parametrize("kind", ["sjlt", "rademacher", "none"])
 def test_projected_equals_projection_of_exact(lora_model, kind):
-    from rose_select.gradients import param_numels
-    from rose_select.projection import make_projector
+    from rose_select.features.gradients import param_numels
+    from rose_select.features.projection import make_projector
 
     ex = _examples(4, seed=11)
     proj = make_projector(kind, 0 if kind == "none" else 64, 7, dict(param_numels(lora_model)))

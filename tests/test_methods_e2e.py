@@ -8,12 +8,12 @@ import pytest
 
 from rose_select.config import from_dict
 from rose_select.pipeline import RunConfig, _checkpoints, _featurize_jobs, _select_config, _stage_configs, resolve_input
-from rose_select.selectors import METHODS, run_select
+from rose_select.select.stage import METHODS, run_select
 
 
 @pytest.mark.slow
 def test_every_method_selects_from_a_real_pool_on_the_embedded_model(tmp_path):
-    from rose_select.featurize import run_featurize
+    from rose_select.features.stage import run_featurize
     from rose_select.training import run_warmup
 
     cfg = from_dict(RunConfig, {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rose_select.errors import ConfigError
-from rose_select.projection import (entry_hash, fmix32, make_projector, name_key, project_full,
+from rose_select.features.projection import (entry_hash, fmix32, make_projector, name_key, project_full,
                                     rademacher_rows)
 
 NUMELS = {"layers.0.q.lora_A": 7000, "layers.0.q.lora_B": 5000, "layers.1.v.lora_A": 8000}
@@ -168,7 +168,7 @@ def test_seed_and_name_determine_the_projection(kind, opts):
 
 _CHILD = """
 import hashlib, torch
-from rose_select.projection import make_projector, project_full
+from rose_select.features.projection import make_projector, project_full
 numels = {numels!r}
 flat = torch.sin(torch.arange(3 * {total}, dtype=torch.float64)).float().reshape(3, {total})
 for kind in ("rademacher", "sjlt"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rose_select.errors import ConfigError, NonFiniteError, StoreMismatchError
-from rose_select.scoring import (checkpoint_weights, cosine_matrix, load_store_features,
+from rose_select.select.scoring import (checkpoint_weights, cosine_matrix, load_store_features,
                                  rose_scores, score_stores)
 
 

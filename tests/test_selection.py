@@ -9,7 +9,7 @@ import pytest
 
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.records import InstructionRecord, Message
-from rose_select.selection import (count_for_fraction, jaccard, overlap_table, read_best_subtasks,
+from rose_select.select.topk import (count_for_fraction, jaccard, overlap_table, read_best_subtasks,
                                    read_selection, shares_table, subtask_shares,
                                    select_top, write_selection)
 

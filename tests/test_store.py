@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rose_select.errors import ConfigError, NonFiniteError, StoreMismatchError
-from rose_select.store import FeatureStore, StoreNotReadyError, open_features
+from rose_select.features.store import FeatureStore, StoreNotReadyError, open_features
 
 N, D = 10, 6
 IDS = [f"ex{i}" for i in range(N)]
@@ -126,7 +126,7 @@ def test_finalize_and_open_features_require_all_rows(tmp_path):
 
 _CRASH = """
 import os, sys, numpy as np
-from rose_select.store import FeatureStore
+from rose_select.features.store import FeatureStore
 store = FeatureStore.attach(sys.argv[1], timeout_s=5)
 class Die:  # the process dies right after the features are flushed, before rows are marked done
     def __setitem__(self, key, value):
@@ -147,7 +147,7 @@ def test_crash_between_features_and_done_mark_leaves_rows_pending(tmp_path):
 
 
 def test_failed_creation_leaves_nothing(tmp_path, monkeypatch):
-    import rose_select.store as store_mod
+    import rose_select.features.store as store_mod
 
     def boom(tmp, spec):
         np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype="float32", shape=(N, D))
@@ -173,7 +173,7 @@ def test_stale_temp_dirs_removed_and_foreign_dirs_refused(tmp_path):
 
 _WRITER = """
 import sys, numpy as np
-from rose_select.store import FeatureStore
+from rose_select.features.store import FeatureStore
 store = FeatureStore.attach(sys.argv[1], timeout_s=30, poll_s=0.05, settings={settings!r})
 rows = np.arange(1, {n}, 2)
 store.write(rows, np.arange({n} * {d}, dtype=np.float32).reshape({n}, {d})[rows] / 7 - 3)

@@ -17,9 +17,9 @@ from rose_select import __version__
 STAGES = {
     "warmup": ("rose_select.training", "WarmupConfig", "run_warmup",
                "LoRA warm-up on a random fraction of the pool, one checkpoint (adapter + Adam moments) per epoch"),
-    "featurize": ("rose_select.featurize", "FeaturizeConfig", "run_featurize",
+    "featurize": ("rose_select.features.stage", "FeaturizeConfig", "run_featurize",
                   "per-example gradient features (SFT/Adam for the pool, pairwise for validation), projected"),
-    "select": ("rose_select.selectors", "SelectConfig", "run_select",
+    "select": ("rose_select.select.stage", "SelectConfig", "run_select",
                "score the pool with a method (rose, less, random, bm25, rds, dsir, influence, shapley, full) and select"),
     "train": ("rose_select.training", "TrainConfig", "run_train",
               "final LoRA fine-tune on a selection (or random / full)"),

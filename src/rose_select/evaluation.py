@@ -195,7 +195,7 @@ def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: in
     """Summed response log-prob, response token count and SFT loss of each encoding."""
     import torch
 
-    from rose_select.gradients import response_logprobs
+    from rose_select.features.gradients import response_logprobs
     from rose_select.losses import sft_loss_from_packed, sum_per_row
     from rose_select.tokenization import IGNORE_INDEX, collate
 

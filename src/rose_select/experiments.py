@@ -52,7 +52,7 @@ class ExperimentConfig:
     output_dir: str = field(default="runs/experiments", metadata={"help": "experiment directory (runs and tables)"})
 
     def __post_init__(self):
-        from rose_select.selectors import METHODS
+        from rose_select.select.stage import METHODS
 
         if self.experiment not in EXPERIMENTS:
             raise ConfigError(f"experiment must be one of {list(EXPERIMENTS)}, got {self.experiment!r}")
@@ -67,7 +67,7 @@ class ExperimentConfig:
             raise ConfigError(f"figure4 needs shots >= 1, got {self.shots}")
 
     def method_list(self) -> list[str]:
-        from rose_select.selectors import METHODS
+        from rose_select.select.stage import METHODS
 
         return list(self.methods or DEFAULT_METHODS[self.experiment] or METHODS)
 
@@ -89,13 +89,13 @@ def checkpoint_sets(n_epochs: int) -> list[list[int]]:
 
 def first_k_prompts(triples, k: int) -> list:
     """Triples of the first ``k`` distinct prompts of each subtask (every pair of such a prompt)."""
-    from rose_select.data import _prompt_key
+    from rose_select.data.heldout import prompt_key
 
     kept_prompts: dict[str, list] = {}
     out = []
     for t in triples:
         prompts = kept_prompts.setdefault(t.subtask, [])
-        key = _prompt_key(t)
+        key = prompt_key(t)
         if key not in prompts and len(prompts) < k:
             prompts.append(key)
         if key in prompts:

@@ -92,7 +92,7 @@ class RunConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def __post_init__(self):
-        from rose_select.selectors import METHODS
+        from rose_select.select.stage import METHODS
 
         bad = [m for m in self.select.methods if m not in METHODS]
         if bad:
@@ -167,7 +167,7 @@ def _stage_configs(cfg: RunConfig, run: Path, pool: str, validation: str):
 
 def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str, ckpts: list[Path]):
     """(key, FeaturizeConfig) for every store the chosen methods need (pool stores under ``shared``)."""
-    from rose_select.featurize import FeaturizeConfig
+    from rose_select.features.stage import FeaturizeConfig
 
     f, methods = cfg.featurize, set(cfg.select.methods)
     common = dict(model=cfg.model, lora=cfg.lora, projection=f.projection, dim=f.dim, seed=f.seed,
@@ -205,7 +205,7 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
 
 def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
                    ckpts: list[Path]):
-    from rose_select.selectors import SelectConfig
+    from rose_select.select.stage import SelectConfig
 
     s = cfg.select
     feats = run / "features"
@@ -264,8 +264,8 @@ def run_pipeline(cfg: RunConfig) -> Path:
     """The whole pipeline; returns the run directory (with report.md)."""
     from rose_select.config import save_yaml
     from rose_select.evaluation import run_evaluate
-    from rose_select.featurize import run_featurize
-    from rose_select.selectors import run_select
+    from rose_select.features.stage import run_featurize
+    from rose_select.select.stage import run_select
     from rose_select.training import run_train, run_warmup
 
     run = Path(cfg.output_dir)
@@ -338,7 +338,7 @@ def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
 
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:
     from rose_select import plots
-    from rose_select.selection import overlap_table, read_selection, reference_subtask_shares, shares_table
+    from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
 
     methods = cfg.select.methods
     rows = summary_rows(run, methods)

@@ -182,7 +182,7 @@ def progress_disabled() -> bool:
 def per_example_loss(model, batch: dict):
     """Response-only SFT loss of every example of a collated batch: ``[B]`` mean token CE; the
     very function the featurizer differentiates (output head at response positions only)."""
-    from rose_select.gradients import sft_loss_fn
+    from rose_select.features.gradients import sft_loss_fn
 
     return sft_loss_fn(model, batch)
 

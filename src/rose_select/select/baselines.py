@@ -29,7 +29,7 @@ import numpy as np
 
 from rose_select.errors import ConfigError
 from rose_select.records import InstructionRecord, PreferenceTriple
-from rose_select.scoring import (check_shapes, _TINY, chunk_norms,
+from rose_select.select.scoring import (check_shapes, _TINY, chunk_norms,
                                  default_chunk_rows, group_index, group_means, normalize_rows,
                                  progress_enabled, read_chunk, reduce_groups, release_pages,
                                  rose_scores, stream_group_scores)

@@ -61,7 +61,7 @@ class SelectConfig:
 
 def lr_weights(cfg: SelectConfig, n_checkpoints: int) -> np.ndarray:
     """Checkpoint weights: the override, else the warm-up's mean lr per epoch, else uniform."""
-    from rose_select.scoring import checkpoint_weights
+    from rose_select.select.scoring import checkpoint_weights
 
     if cfg.checkpoint_weights:
         if len(cfg.checkpoint_weights) != n_checkpoints:
@@ -112,7 +112,7 @@ def representations(model, tokenizer, encodings, *, pooling: str, batch_size: in
 
 def _scores_gradient(cfg, pool, triples):
     """rose / less: the same streamed cosine score; the stores decide which loss it is."""
-    from rose_select.scoring import score_stores
+    from rose_select.select.scoring import score_stores
 
     _need_features(cfg)
     w = lr_weights(cfg, len(cfg.pool_features))
@@ -123,8 +123,8 @@ def _scores_gradient(cfg, pool, triples):
 
 
 def _scores_influence(cfg, pool, triples):
-    from rose_select.baselines import influence_scores
-    from rose_select.scoring import load_store_features
+    from rose_select.select.baselines import influence_scores
+    from rose_select.select.scoring import load_store_features
 
     _need_features(cfg)
     w = lr_weights(cfg, len(cfg.pool_features))
@@ -136,8 +136,8 @@ def _scores_influence(cfg, pool, triples):
 
 
 def _scores_shapley(cfg, pool, triples):
-    from rose_select.baselines import knn_shapley
-    from rose_select.scoring import load_store_features
+    from rose_select.select.baselines import knn_shapley
+    from rose_select.select.scoring import load_store_features
 
     _need_features(cfg)
     w = lr_weights(cfg, len(cfg.pool_features))
@@ -148,7 +148,7 @@ def _scores_shapley(cfg, pool, triples):
 
 
 def _scores_rds(cfg, pool, triples):
-    from rose_select.baselines import rds_scores
+    from rose_select.select.baselines import rds_scores
     from rose_select.modeling import load_adapter, load_model, load_tokenizer
     from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record
     from rose_select.records import Message
@@ -166,7 +166,7 @@ def _scores_rds(cfg, pool, triples):
 
 
 def _scores_text(cfg, pool, triples):
-    from rose_select import baselines as B
+    from rose_select.select import baselines as B
 
     if cfg.method == "random":
         return B.random_scores(len(pool), cfg.seed), None, None, {"seed": cfg.seed}
@@ -184,7 +184,7 @@ SCORERS = {"rose": _scores_gradient, "less": _scores_gradient, "influence": _sco
 def run_select(cfg: SelectConfig) -> Path:
     """Score the pool with ``cfg.method`` and write the selection directory."""
     from rose_select.data import load_pool, load_preferences
-    from rose_select.selection import select_top, write_selection
+    from rose_select.select.topk import select_top, write_selection
 
     if not cfg.pool:
         raise ConfigError("select needs a pool file (--pool)")
@@ -219,7 +219,7 @@ def handle_cli(command: str, args) -> int | None:
     if not args.compare:
         return None
     from rose_select import plots
-    from rose_select.selection import overlap_table, read_selection, reference_subtask_shares, shares_table
+    from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
 
     dirs = {Path(p).name if Path(p).is_dir() else p: p for p in args.compare}
     sels = {name: read_selection(p) for name, p in dirs.items()}

@@ -301,7 +301,7 @@ def load_store_features(path: str | os.PathLike) -> StoreFeatures:
     """Open a feature store directory read-only (``features.npy`` memmapped, ``rows.json``)."""
     path = Path(path)
     try:
-        from rose_select.store import open_features  # the real store module, when present
+        from rose_select.features.store import open_features  # the real store module, when present
     except ImportError:
         open_features = None
     if open_features is not None:

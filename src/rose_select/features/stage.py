@@ -269,7 +269,7 @@ def _load_lora_model(cfg: FeaturizeConfig, device):
 
 
 def _loss_fn(cfg: FeaturizeConfig, device):
-    from rose_select import gradients as G
+    from rose_select.features import gradients as G
     from rose_select.modeling import load_model
 
     if cfg.loss != "pairwise":
@@ -283,9 +283,9 @@ def _loss_fn(cfg: FeaturizeConfig, device):
 
 
 def _prepare(cfg: FeaturizeConfig, device) -> _Job:
-    from rose_select import gradients as G
+    from rose_select.features import gradients as G
     from rose_select.modeling import load_tokenizer
-    from rose_select.projection import make_projector
+    from rose_select.features.projection import make_projector
 
     tokenizer = load_tokenizer(cfg.model)
     ids, groups, encs = _load_items(cfg, tokenizer)
@@ -307,7 +307,7 @@ def _prepare(cfg: FeaturizeConfig, device) -> _Job:
 
 def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
     """``[len(rows), dim]`` float32 features of one batch, on the job's device."""
-    from rose_select import gradients as G
+    from rose_select.features import gradients as G
     from rose_select.tokenization import collate
 
     seqs = [job.encs[i][0] for i in rows]
@@ -334,7 +334,7 @@ def _store_kwargs(job: _Job, cfg: FeaturizeConfig) -> dict:
 def _open_existing(cfg: FeaturizeConfig, job: _Job):
     """The store to resume (after checking its settings), or None: it is created at the first
     write, so inputs that fail on the first batch leave no output behind."""
-    from rose_select.store import META, FeatureStore
+    from rose_select.features.store import META, FeatureStore
 
     if not (Path(cfg.output) / META).exists():
         if Path(cfg.output).exists() and any(Path(cfg.output).iterdir()):
@@ -357,7 +357,7 @@ def _done_mask(store, n: int):
 
 def _write_round(cfg: FeaturizeConfig, job: _Job, store, round_, got, done) -> tuple[object, int]:
     """Write the pending rows of a round's batches (creating the store first if needed)."""
-    from rose_select.store import FeatureStore
+    from rose_select.features.store import FeatureStore
 
     store = store or FeatureStore.open(cfg.output, **_store_kwargs(job, cfg))
     written = 0
@@ -371,7 +371,7 @@ def _write_round(cfg: FeaturizeConfig, job: _Job, store, round_, got, done) -> t
 def _round(cfg: FeaturizeConfig, job: _Job, d, store, round_, done) -> tuple[object, int]:
     """One round: every rank computes its batch (if it has one), rank 0 writes them all; a
     failure anywhere stops every rank. Returns (store, rows written)."""
-    from rose_select import distributed as D
+    from rose_select.features import distributed as D
 
     mine = round_[d.rank] if d.rank < len(round_) else None
     feats, err = D.attempt(lambda: _batch_features(cfg, job, mine)) if mine else (None, None)
@@ -415,7 +415,7 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
     ``stop_after_batches`` stops after that many rounds without finalizing (tests, smoke runs).
     ``stats``, if given, receives ``batches`` and ``seconds`` of this process's batch loop
     (benchmarks)."""
-    from rose_select import distributed as D
+    from rose_select.features import distributed as D
 
     _, world, local_rank = D.env_ranks()
     device = resolve_device(cfg.device, local_rank if world > 1 else None)
@@ -457,7 +457,7 @@ def handle_cli(command: str, args) -> int | None:
         return None
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    from rose_select import distributed as D
+    from rose_select.features import distributed as D
     from rose_select.config import from_args
 
     return D.launch("featurize", from_args(FeaturizeConfig, args, args.config), args.nproc)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.losses import IGNORE_INDEX, dpo_loss, sft_loss_from_packed, sum_per_row
-from rose_select.modeling import canonical_name, lora_parameters
+from rose_select.modeling import lora_parameters
 
 LossFn = Callable[[object, dict], Tensor]
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -366,7 +366,7 @@ def loop_features(model, batches: Sequence[dict], loss_fn: LossFn, projector=Non
                   adam: AdamState | None = None, out_dtype=torch.float32) -> Tensor:
     """Reference path (LESS): one item per batch, ``loss.backward()``, the full flattened gradient
     of ``lora_parameters`` (in order), Adam transform, then ``project_full``. ``[len(batches), dim]``."""
-    from rose_select.projection import project_full
+    from rose_select.features.projection import project_full
 
     params = lora_parameters(model)
     numels = OrderedDict((n, p.numel()) for n, p in params.items())
