@@ -14,8 +14,7 @@ from rose_select import modeling
 from rose_select.errors import ConfigError, StoreMismatchError
 from rose_select.modeling import LoraSettings
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import (TrainConfig, WarmupConfig, choose_subset, epoch_batches, linear_schedule_lr,
-                                  run_train, run_warmup, steps_per_epoch)
+from rose_select.training import TrainConfig, WarmupConfig, choose_subset, run_train, run_warmup
 
 WORDS = "the quick brown fox jumps over lazy dog bread flour water salt yeast paris france".split()
 
@@ -43,13 +42,14 @@ def adapter_tensors(d):
     return {modeling.canonical_name(k): v for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
 
 
-def test_schedule_helpers():
-    assert steps_per_epoch(10, 2, 2) == 3
-    lrs = [linear_schedule_lr(s, 10, 1, 1.0) for s in range(10)]
-    assert lrs[0] == 0.0 and lrs[1] == 1.0 and lrs[-1] == pytest.approx(1 / 9)
-    steps = epoch_batches(10, 2, 2, seed=0, epoch=1)
-    assert sorted(i for st in steps for mb in st for i in mb) == list(range(10))
-    assert steps == epoch_batches(10, 2, 2, seed=0, epoch=1) != epoch_batches(10, 2, 2, seed=0, epoch=2)
+def linear_schedule(step: int, total: int, warmup: int, base: float) -> float:
+    """Reference: linear warm-up from 0 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return base * step / warmup
+    return base * max(0.0, (total - step) / (total - warmup))
+
+
+def test_subset_helper():
     assert choose_subset(40, 0.25, 3) == choose_subset(40, 0.25, 3) and len(choose_subset(40, 0.25, 3)) == 10
 
 
@@ -58,7 +58,15 @@ def test_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ConfigError, match="one of"):
         TrainConfig(selection="x.jsonl", fraction=0.1)
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
     assert WarmupConfig().fraction == 0.05 and WarmupConfig().save_every_epoch
+
+
+def test_mixed_precision_needs_cuda(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="needs device cuda"):
+        run_warmup(small_cfg(WarmupConfig, tiny_model_dir, tmp_path, mixed_precision="bf16"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
@@ -69,8 +77,9 @@ def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
     for e in (1, 2):
         ck = run / f"ckpt-{e}"
         assert {"adapter_model.safetensors", "adapter_config.json", "optimizer_state.safetensors",
-                "trainer_state.json"} <= {p.name for p in ck.iterdir()}
-        assert json.loads((ck / "trainer_state.json").read_text())["step"] == 3 * e
+                "trainer_state.json", "lr_log.json", "train_log.json"} <= {p.name for p in ck.iterdir()}
+        assert json.loads((ck / "trainer_state.json").read_text())["global_step"] == 3 * e
+        assert len(json.loads((ck / "lr_log.json").read_text())["steps"]) == 3 * e  # the lrs live in the checkpoint
     # Adam moments load by canonical name, shapes match the LoRA parameters
     model = modeling.load_adapter(modeling.load_model(str(tiny_model_dir)), run / "ckpt-2")
     params = modeling.lora_parameters(model)
@@ -78,11 +87,16 @@ def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
     assert meta["step"] == "6" and float(meta["eps"]) == 1e-8
     for name, p in params.items():
         m, v = moments[name]
-        assert m.shape == v.shape == p.shape and (v >= 0).all()
+        assert m.shape == v.shape == p.shape and (v >= 0).all() and v.abs().max() > 0
+    # the lr of every step: the paper's linear schedule (10 examples, batch 2 x 2 -> 3 steps/epoch,
+    # 6 steps, ceil(0.03 * 6) = 1 warm-up step)
     log = json.loads((run / "lr_log.json").read_text())
-    assert len(log["steps"]) == 6 and len(log["checkpoint_weights"]) == 2
-    assert sum(log["checkpoint_weights"]) == pytest.approx(1.0)
-    # resume: drop the last checkpoint, rerun, same result as uninterrupted
+    assert [s["lr"] for s in log["steps"]] == pytest.approx([linear_schedule(s, 6, 1, 1e-2) for s in range(6)])
+    assert [s["epoch"] for s in log["steps"]] == [1, 1, 1, 2, 2, 2]
+    assert log["epoch_mean_lr"] == pytest.approx([0.006, 0.004])
+    assert log["checkpoint_weights"] == pytest.approx([0.6, 0.4])
+    assert log == json.loads((run / "ckpt-2" / "lr_log.json").read_text())
+    # resume: drop the last checkpoint, rerun: the same bytes of weights and moments as uninterrupted
     full = adapter_tensors(run / "ckpt-2")
     full_opt = load_file(str(run / "ckpt-2" / "optimizer_state.safetensors"))
     shutil.rmtree(run / "ckpt-2")
@@ -90,10 +104,13 @@ def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
     resumed = adapter_tensors(run / "ckpt-2")
     assert full.keys() == resumed.keys()
     for k in full:
-        torch.testing.assert_close(resumed[k], full[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(resumed[k], full[k]), k
     for k, v in load_file(str(run / "ckpt-2" / "optimizer_state.safetensors")).items():
-        torch.testing.assert_close(v, full_opt[k], rtol=1e-6, atol=1e-9)
+        assert torch.equal(v, full_opt[k]), k
     assert json.loads((run / "lr_log.json").read_text()) == log
+    # a fresh run with the same seed in another directory: the same bytes (deterministic on CPU)
+    again = run_warmup(small_cfg(WarmupConfig, tiny_model_dir, tmp_path, fraction=0.25, output=str(tmp_path / "again")))
+    assert all(torch.equal(adapter_tensors(again / "ckpt-2")[k], full[k]) for k in full)
     # other settings in the same dir are refused
     with pytest.raises(StoreMismatchError, match="lr"):
         run_warmup(small_cfg(WarmupConfig, tiny_model_dir, tmp_path, fraction=0.25, lr=5e-3))

@@ -1,14 +1,9 @@
 """LoRA SFT training: the warm-up run (ROSE/LESS step 1) and the final fine-tune (step 7).
 
-One plain PyTorch loop serves both. The loss is exactly the one the featurizer differentiates:
-per example, the mean token cross-entropy over response tokens
-(``losses.sft_loss_per_example``), averaged over the examples of an optimizer step (with gradient
-accumulation the average runs over the whole effective batch, not over micro-batches).
-
-Optimizer: AdamW (betas 0.9/0.999, eps 1e-8, the defaults the featurizer's Adam
-preconditioning assumes), gradient clipping, and a linear schedule with warm-up computed in
-closed form from the step index (``linear_schedule_lr``, the same formula as transformers'
-``get_linear_schedule_with_warmup``), so it needs no saved scheduler state.
+Both run on Hugging Face's ``Trainer`` (``engine.py``: the loss, which is exactly the one the
+featurizer differentiates, resume, seeding), in one process or data-parallel under ``torchrun``
+(``rose warmup --nproc N``). This module holds the configuration, the run directory and the
+checkpoint format.
 
 Warm-up artifacts (``run_warmup``), in the run directory:
   ``config.json``            resolved config + fingerprint (a rerun with other settings is refused)
@@ -16,31 +11,32 @@ Warm-up artifacts (``run_warmup``), in the run directory:
   ``ckpt-<epoch>/``          ``adapter_model.safetensors`` + ``adapter_config.json`` (peft format),
                              ``optimizer_state.safetensors`` (``exp_avg/<name>``,
                              ``exp_avg_sq/<name>``, metadata step/betas/eps), ``trainer_state.json``
-  ``lr_log.json``            per-step lr, ``epoch_mean_lr``, ``checkpoint_weights``
-  ``train_log.json``         loss per optimizer step
+                             (the Trainer's state: ``global_step``, and in ``log_history`` the lr
+                             and loss of every step so far), ``lr_log.json`` (the same lrs, per
+                             epoch means and checkpoint weights)
+  ``lr_log.json``            copy of the last checkpoint's ``lr_log.json``
+  ``train_log.json``         loss and lr per optimizer step
 
-Resume: every checkpoint directory is written under a temporary name and renamed, so a
+Resume: every checkpoint directory is written complete under a temporary name and renamed, so a
 ``ckpt-<e>`` either is complete or does not exist. A rerun with the same config restarts after the
-last complete checkpoint: adapter weights and Adam moments (and step) are loaded by canonical
-parameter name, and the schedule position follows from the step count. All randomness of an
-epoch (data order, LoRA dropout) is drawn from generators seeded by ``(seed, epoch)`` at the start
-of that epoch, so a resumed run reproduces the uninterrupted one exactly (up to the
-non-determinism of the device's kernels).
+last complete checkpoint: the Trainer resumes from it (adapter, state), the Adam moments are put
+back by canonical parameter name and the schedule continues at the step. Data order and dropout
+are seeded per epoch, so a resumed run reproduces the uninterrupted one (on CPU exactly; on GPU up
+to the kernels' non-determinism).
 """
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from rose_select.errors import CheckpointError, ConfigError, DataError, NonFiniteError, StoreMismatchError
+from rose_select.checkpoint_format import (completed_epochs, load_moments_into, publish_logs, save_checkpoint,
+                                           write_dir_atomically, write_logs)
+from rose_select.errors import ConfigError, DataError, StoreMismatchError
 from rose_select.modeling import LoraSettings
 from rose_select.records import InstructionRecord
 from rose_select.tokenization import TokenizeConfig
@@ -48,7 +44,8 @@ from rose_select.tokenization import TokenizeConfig
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 # Keys of the config that do not change the result (left out of the fingerprint).
-_NOT_FINGERPRINTED = ("output", "device", "save_every_epoch")
+_NOT_FINGERPRINTED = ("output", "device", "save_every_epoch", "report_to", "gradient_checkpointing")
+ENGINE = "hf-trainer-1"  # in the fingerprint: runs of the former hand-written loop are not resumed
 
 
 @dataclass
@@ -77,6 +74,9 @@ class TrainConfig:
     save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
     limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
     on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA with float32 weights) | none | bf16 | fp16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory, ~30% slower)"})
+    report_to: str = field(default="none", metadata={"help": "Trainer logging integrations: none | all | tensorboard,wandb,..."})
 
     def __post_init__(self):
         checks = [
@@ -91,6 +91,8 @@ class TrainConfig:
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (self.dtype in ("float32", "bfloat16", "float16", "float64"), f"dtype must be float32|bfloat16|float16|float64, got {self.dtype!r}"),
             (self.on_too_long in ("error", "skip"), f"on_too_long must be error|skip, got {self.on_too_long!r}"),
+            (self.mixed_precision in ("auto", "none", "bf16", "fp16"),
+             f"mixed_precision must be auto|none|bf16|fp16, got {self.mixed_precision!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,53 +114,10 @@ class WarmupConfig(TrainConfig):
 
 # ---------------------------------------------------------------------------- small pure helpers
 
-def linear_schedule_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """lr of optimizer step ``step`` (0-based): linear warm-up from 0, then linear decay to 0."""
-    if step < warmup_steps:
-        return base_lr * step / max(1, warmup_steps)
-    return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def warmup_steps_for(total_steps: int, ratio: float) -> int:
-    return math.ceil(total_steps * ratio)
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps per epoch; a partial accumulation at the end of an epoch is one more step."""
-    return math.ceil(math.ceil(n_examples / batch_size) / grad_accum)
-
-
-def epoch_batches(n_examples: int, batch_size: int, grad_accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """The epoch's data order: optimizer steps, each a list of micro-batches of example indices."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_examples).tolist()
-    micro = [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
-    return [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
-
-
 def choose_subset(n: int, fraction: float, seed: int) -> list[int]:
     """Sorted indices of a seeded random ``fraction`` of ``n`` items (at least one)."""
     k = max(1, round(fraction * n))
     return sorted(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False).tolist())
-
-
-def epoch_mean_lrs(steps: Sequence[dict], epochs: int) -> list[float]:
-    """Mean lr of the logged steps of each epoch (1-based epochs)."""
-    out = []
-    for e in range(1, epochs + 1):
-        lrs = [s["lr"] for s in steps if s["epoch"] == e]
-        out.append(float(np.mean(lrs)) if lrs else 0.0)
-    return out
-
-
-def lr_log(steps: Sequence[dict], epochs: int) -> dict:
-    means = epoch_mean_lrs(steps, epochs)
-    total = sum(means)
-    weights = [m / total for m in means] if total > 0 else [1.0 / len(means)] * len(means)
-    return {"steps": list(steps), "epoch_mean_lr": means, "checkpoint_weights": weights}
-
-
-def _epoch_torch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.default_rng([seed, epoch, 1]).integers(0, 2**63 - 1))
 
 
 def resolve_device(device: str) -> str:
@@ -175,16 +134,6 @@ def resolve_device(device: str) -> str:
 
 def progress_disabled() -> bool:
     return os.environ.get("ROSE_NO_PROGRESS", "") not in ("", "0")
-
-
-# ---------------------------------------------------------------------------- loss
-
-def per_example_loss(model, batch: dict):
-    """Response-only SFT loss of every example of a collated batch: ``[B]`` mean token CE; the
-    very function the featurizer differentiates (output head at response positions only)."""
-    from rose_select.features.gradients import sft_loss_fn
-
-    return sft_loss_fn(model, batch)
 
 
 # ---------------------------------------------------------------------------- data
@@ -230,11 +179,13 @@ def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfi
 
 # ---------------------------------------------------------------------------- run directory
 
-def _fingerprint(cfg: TrainConfig, source: dict, ids: Sequence[str]) -> tuple[dict, str]:
+def _fingerprint(cfg: TrainConfig, source: dict, ids: Sequence[str], processes: int) -> tuple[dict, str]:
+    """The resolved config (plus the engine and the number of processes, which change the result
+    of a per-device batch size) and its fingerprint."""
     from rose_select.config import to_dict
     from rose_select.io import sha256_json
 
-    resolved = to_dict(cfg)
+    resolved = {**to_dict(cfg), "engine": ENGINE, "processes": processes}
     key = {k: v for k, v in resolved.items() if k not in _NOT_FINGERPRINTED}
     key.update(source=source, ids_sha256=sha256_json(list(ids)))
     return resolved, sha256_json(key)
@@ -257,169 +208,84 @@ def _check_or_write_config(run_dir: Path, resolved: dict, fingerprint: str) -> N
     write_json(path, {"config": resolved, "fingerprint": fingerprint})
 
 
-def completed_epochs(run_dir: Path) -> list[int]:
-    """Epochs with a complete ``ckpt-<epoch>/`` (checkpoints are written atomically)."""
-    out = []
-    for p in Path(run_dir).glob("ckpt-*"):
-        tail = p.name.removeprefix("ckpt-")
-        if p.is_dir() and tail.isdigit() and (p / "trainer_state.json").exists():
-            out.append(int(tail))
-    return sorted(out)
+# ---------------------------------------------------------------------------- the Trainer
 
-
-def _write_dir_atomically(target: Path, fill) -> None:
-    """Call ``fill(tmp_dir)``, then rename the temporary directory onto ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        fill(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_checkpoint(ckpt_dir: Path, model, optimizer, *, epoch: int, step: int, extra: dict | None = None) -> None:
-    from rose_select.io import write_json
-    from rose_select.modeling import save_optimizer_state
-
-    def fill(tmp: Path):
-        model.save_pretrained(str(tmp))
-        save_optimizer_state(tmp / "optimizer_state.safetensors", model, optimizer, step=step)
-        write_json(tmp / "trainer_state.json", {"epoch": epoch, "step": step, **(extra or {})})
-
-    _write_dir_atomically(Path(ckpt_dir), fill)
-
-
-def load_checkpoint_into(ckpt_dir: Path, model, optimizer) -> int:
-    """Load adapter weights and Adam moments (by canonical name) into a fresh model/optimizer;
-    returns the optimizer step the checkpoint was taken at."""
-    import torch
-    from safetensors.torch import load_file
-
-    from rose_select.modeling import canonical_name, lora_parameters, load_optimizer_state
-
-    params = lora_parameters(model)
-    weights_path = Path(ckpt_dir) / "adapter_model.safetensors"
-    if not weights_path.exists():
-        raise CheckpointError(f"{ckpt_dir}: no adapter_model.safetensors")
-    stored = {canonical_name(k): v for k, v in load_file(str(weights_path)).items()}
-    missing = [n for n in params if n not in stored]
-    if missing:
-        raise CheckpointError(f"{weights_path}: lacks {len(missing)} LoRA parameters, e.g. {missing[:3]}")
-    moments, meta = load_optimizer_state(ckpt_dir, list(params))
-    step = int(meta.get("step", 0))
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(stored[name].to(p.dtype))
-            m, v = moments[name]
-            optimizer.state[p] = {"step": torch.tensor(float(step)),
-                                  "exp_avg": m.to(device=p.device, dtype=p.dtype),
-                                  "exp_avg_sq": v.to(device=p.device, dtype=p.dtype)}
-    return step
-
-
-# ---------------------------------------------------------------------------- the loop
-
-def _build(cfg: TrainConfig):
-    import torch
-
-    from rose_select.modeling import attach_lora, load_model, load_tokenizer
+def training_arguments(cfg: TrainConfig, run_dir: Path):
+    """The ``TrainingArguments`` of a run (the paper's schedule and optimizer, a log per step)."""
+    from transformers import TrainingArguments
 
     device = resolve_device(cfg.device)
+    if device.startswith("cuda:"):
+        raise ConfigError(f"device {device!r}: pick the GPU with CUDA_VISIBLE_DEVICES and give device cuda "
+                          "(the Trainer uses cuda:LOCAL_RANK)")
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and cfg.dtype == "float32" else "none"
+    if precision != "none" and device != "cuda":
+        raise ConfigError(f"mixed_precision {precision} needs device cuda, got {device}")
+    report = cfg.report_to if cfg.report_to in ("none", "all") else cfg.report_to.split(",")
+    return TrainingArguments(
+        output_dir=str(run_dir), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, optim="adamw_torch",
+        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, logging_strategy="steps",
+        logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to=report, disable_tqdm=True,
+        use_cpu=device == "cpu", bf16=precision == "bf16", fp16=precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=False)
+
+
+def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: Path, *, checkpoints: bool,
+         resume: Path | None):
+    """Train a fresh LoRA adapter on ``records`` (resuming from ``resume``); with ``checkpoints``
+    every epoch ends in a complete ``run_dir/ckpt-<epoch>/``. Returns (trainer, skipped ids)."""
+    import torch
+
+    from rose_select.engine import Collator, EpochCallback, Examples, LoraSFTTrainer, ProgressBar, quiet_callbacks
+    from rose_select.modeling import attach_lora, load_model, load_tokenizer
+
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    encoded, ids, skipped = _encode_all(records, tokenizer, cfg)
+    model = load_model(cfg.model, dtype=cfg.dtype, device="cpu")
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     model = attach_lora(model, cfg.lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                  weight_decay=cfg.weight_decay)
-    return model, tokenizer, optimizer, device
+
+    def save(epoch: int, model, optimizer, state):
+        save_checkpoint(run_dir / f"ckpt-{epoch}", model, optimizer, state, epochs=cfg.epochs, skipped=skipped)
+        publish_logs(run_dir, run_dir / f"ckpt-{epoch}")
+
+    trainer = LoraSFTTrainer(model=model, args=args, train_dataset=Examples(encoded),
+                             data_collator=Collator(tokenizer.pad_token_id), example_ids=ids,
+                             load_moments=load_moments_into,
+                             callbacks=[EpochCallback(cfg.seed, save if checkpoints else None)])
+    quiet_callbacks(trainer, ProgressBar(f"train {run_dir.name}", progress_disabled()))
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.model.eval()
+    return trainer, skipped
 
 
-def _train_step(model, optimizer, micro_batches, encoded, ids, pad_id, device, cfg, lr) -> float:
-    """One optimizer step over its micro-batches; returns the mean per-example loss."""
-    import torch
-
-    from rose_select.tokenization import collate
-
-    n = sum(len(mb) for mb in micro_batches)
-    total = 0.0
-    for mb in micro_batches:
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in mb], pad_id).items()}
-        losses = per_example_loss(model, batch)
-        if not torch.isfinite(losses).all():
-            bad = [ids[mb[j]] for j in torch.nonzero(~torch.isfinite(losses)).flatten().tolist()]
-            raise NonFiniteError(f"non-finite training loss for example(s) {bad}")
-        (losses.float().sum() / n).backward()
-        total += float(losses.detach().float().sum())
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / n
-
-
-def train_loop(cfg: TrainConfig, records: Sequence[InstructionRecord], run_dir: Path, *,
-               checkpoints: bool, resume_steps: list[dict] | None = None):
-    """Train a fresh LoRA adapter on ``records``; returns (model, step log).
-
-    With ``checkpoints`` every epoch ends in ``run_dir/ckpt-<epoch>/`` and training resumes after
-    the last complete one found there.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    model, tokenizer, optimizer, device = _build(cfg)
-    encoded, ids, skipped = _encode_all(records, tokenizer, cfg)
-    per_epoch = steps_per_epoch(len(encoded), cfg.batch_size, cfg.grad_accum)
-    total = per_epoch * cfg.epochs
-    warm = warmup_steps_for(total, cfg.warmup_ratio)
-    done = completed_epochs(run_dir) if checkpoints else []
-    start_epoch, step, log = 1, 0, []
-    if done:
-        last = min(done[-1], cfg.epochs)
-        step = load_checkpoint_into(run_dir / f"ckpt-{last}", model, optimizer)
-        if step != last * per_epoch:
-            raise CheckpointError(f"{run_dir}/ckpt-{last}: step {step}, expected {last * per_epoch}")
-        start_epoch, log = last + 1, [s for s in (resume_steps or []) if s["step"] <= step]
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {run_dir.name}", disable=progress_disabled())
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        torch.manual_seed(_epoch_torch_seed(cfg.seed, epoch))  # LoRA dropout of this epoch
-        for micro_batches in epoch_batches(len(encoded), cfg.batch_size, cfg.grad_accum, cfg.seed, epoch):
-            lr = linear_schedule_lr(step, total, warm, cfg.lr)
-            loss = _train_step(model, optimizer, micro_batches, encoded, ids, tokenizer.pad_token_id, device, cfg, lr)
-            step += 1
-            log.append({"step": step, "epoch": epoch, "lr": lr, "loss": loss})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-        if checkpoints:
-            epoch_losses = [s["loss"] for s in log if s["epoch"] == epoch]
-            save_checkpoint(run_dir / f"ckpt-{epoch}", model, optimizer, epoch=epoch, step=step,
-                            extra={"steps_per_epoch": per_epoch, "total_steps": total,
-                                   "epoch_mean_loss": float(np.mean(epoch_losses)), "n_examples": len(encoded)})
-            _write_logs(run_dir, log, cfg.epochs, skipped)
-    bar.close()
-    model.eval()
-    return model, log, skipped
-
-
-def _write_logs(run_dir: Path, log: list[dict], epochs: int, skipped: list[str]) -> None:
+def _prepare_run(cfg: TrainConfig, chosen: Sequence[InstructionRecord], source: dict, extra: dict | None = None):
+    """TrainingArguments, and the run directory with its config checked (by the main process
+    first: under torchrun every process gets here)."""
     from rose_select.io import write_json
 
-    write_json(run_dir / "lr_log.json", lr_log([{k: s[k] for k in ("step", "epoch", "lr")} for s in log], epochs))
-    write_json(run_dir / "train_log.json", {"steps": log, "skipped_too_long": skipped})
+    run_dir = Path(cfg.output)
+    args = training_arguments(cfg, run_dir)
+    resolved, fp = _fingerprint(cfg, source, [r.id for r in chosen], args.world_size)
+    with args.main_process_first(desc="run directory"):
+        if args.process_index == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _check_or_write_config(run_dir, resolved, fp)
+            for name, content in (extra or {}).items():
+                write_json(run_dir / name, content)
+    return run_dir, args
 
 
-def _previous_steps(run_dir: Path) -> list[dict]:
-    from rose_select.io import read_json
-
-    path = run_dir / "train_log.json"
-    return read_json(path)["steps"] if path.exists() else []
+def _resume_point(run_dir: Path) -> Path | None:
+    done = completed_epochs(run_dir)
+    return run_dir / f"ckpt-{done[-1]}" if done else None
 
 
 # ---------------------------------------------------------------------------- stages
@@ -428,9 +294,8 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
     """Warm-up LoRA training on a seeded random fraction of the pool (default 5%), one checkpoint
     with Adam moments per epoch. ``records``: an already-loaded pool instead of reading ``cfg.data``.
     Returns the run directory (idempotent: a finished run is returned as is)."""
-    from rose_select.io import sha256_json, write_json
+    from rose_select.io import sha256_json
 
-    run_dir = Path(cfg.output)
     if records is None:
         chosen, source = _records_for(cfg, default_fraction=0.05)
     else:
@@ -438,33 +303,64 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
         fraction = 1.0 if cfg.full else (cfg.fraction if cfg.fraction is not None else 0.05)
         chosen = [pool[i] for i in choose_subset(len(pool), fraction, cfg.seed)]
         source = {"records_sha256": sha256_json([r.id for r in pool])}
-    resolved, fp = _fingerprint(cfg, source, [r.id for r in chosen])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, resolved, fp)
-    write_json(run_dir / "warmup_ids.json", {"ids": [r.id for r in chosen], "fraction": cfg.fraction, "seed": cfg.seed})
-    if completed_epochs(run_dir)[-1:] == [cfg.epochs]:
-        return run_dir
-    train_loop(cfg, chosen, run_dir, checkpoints=True, resume_steps=_previous_steps(run_dir))
+    ids = {"ids": [r.id for r in chosen], "fraction": cfg.fraction, "seed": cfg.seed}
+    run_dir, args = _prepare_run(cfg, chosen, source, {"warmup_ids.json": ids})
+    if completed_epochs(run_dir)[-1:] != [cfg.epochs]:
+        _fit(cfg, args, chosen, run_dir, checkpoints=True, resume=_resume_point(run_dir))
+    if args.process_index == 0:  # also repairs logs of a run killed right after its last checkpoint
+        publish_logs(run_dir, run_dir / f"ckpt-{cfg.epochs}")
     return run_dir
 
 
 def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = None) -> Path:
     """Final LoRA training on a selection file, a random fraction, or the full pool; writes
-    ``adapter/`` (peft format) and ``train_log.json``. ``records``: train on these instead."""
+    ``adapter/`` (peft format, with ``train_log.json`` and ``lr_log.json`` inside) and the logs
+    beside it. ``records``: train on these instead."""
     from rose_select.io import sha256_json
 
-    run_dir = Path(cfg.output)
     if records is None:
         chosen, source = _records_for(cfg, default_fraction=None)
     else:
         chosen, source = list(records), {"records_sha256": sha256_json([r.id for r in records])}
-    resolved, fp = _fingerprint(cfg, source, [r.id for r in chosen])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, resolved, fp)
-    if (run_dir / "adapter" / "adapter_config.json").exists():
-        return run_dir
-    model, log, skipped = train_loop(cfg, chosen, run_dir, checkpoints=cfg.save_every_epoch,
-                                     resume_steps=_previous_steps(run_dir))
-    _write_dir_atomically(run_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
-    _write_logs(run_dir, log, cfg.epochs, skipped)
+    run_dir, args = _prepare_run(cfg, chosen, source)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        resume = _resume_point(run_dir) if cfg.save_every_epoch else None
+        trainer, skipped = _fit(cfg, args, chosen, run_dir, checkpoints=cfg.save_every_epoch, resume=resume)
+        if args.process_index == 0:
+            write_dir_atomically(adapter, lambda tmp: (trainer.model.save_pretrained(str(tmp)),
+                                                        write_logs(tmp, trainer.state, cfg.epochs, skipped)))
+    if args.process_index == 0:
+        publish_logs(run_dir, adapter)
     return run_dir
+
+
+# ---------------------------------------------------------------------------- CLI hooks
+
+def add_cli_arguments(command: str, parser) -> None:
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine: >1 starts torchrun with that many, data-parallel "
+                             "(effective batch = batch_size x grad_accum x processes)")
+    if command == "warmup":
+        parser.add_argument("--import", dest="import_dir", default=None, metavar="DIR",
+                            help="convert a LESS / Hugging Face Trainer run (checkpoint-*/ with a peft adapter, "
+                                 "optimizer.pt or optimizer.bin, trainer_state.json) into this format at --output")
+
+
+def handle_cli(command: str, args) -> int | None:
+    from rose_select.config import from_args
+
+    cls = WarmupConfig if command == "warmup" else TrainConfig
+    if getattr(args, "import_dir", None):
+        from rose_select.hf_import import import_trainer_run
+
+        cfg = from_args(cls, args, args.config)
+        print(import_trainer_run(args.import_dir, cfg.output, model=cfg.model))
+        return 0
+    if args.nproc == 1:
+        return None
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    from rose_select.features import distributed as D
+
+    return D.launch(command, from_args(cls, args, args.config), args.nproc)

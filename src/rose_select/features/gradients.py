@@ -166,7 +166,8 @@ def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
                               f"[batch, seq, hidden] = {list(keep.shape)} + [...] (an unusual model head?)")
         return (hidden[keep], *args[1:])
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    owner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    handle = owner.get_output_embeddings().register_forward_pre_hook(select)
     try:
         logits = model(**model_inputs(batch), use_cache=False).logits
     finally:
