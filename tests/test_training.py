@@ -4,7 +4,12 @@ parameters change, and the training loss is the featurizer's SFT loss."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -161,3 +166,74 @@ def test_training_loss_is_featurizer_sft_loss(tiny_model_dir, tmp_path):
     steps = json.loads((run / "train_log.json").read_text())["steps"]
     assert len(steps) == 1
     assert steps[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _warmup_argv(model_dir, pool, out, **kw):
+    flags = {"model": model_dir, "data": pool, "fraction": 0.25, "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0,
+             "tokenize.max-length": 64, "epochs": 2, "lr": 1e-2, "grad-accum": 2, "device": "cpu", "output": out, **kw}
+    return ["warmup", *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
+
+
+def _rose(argv, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "rose_select", *argv], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, one_thread):
+    """DDP over 2 gloo processes with batch 1 each == 1 process with batch 2 (same effective batch
+    of 2 x 2 accumulation): the same examples in every step, the loss averaged over the same 4.
+    Tolerance: float sums in another order, |dW| <= 1e-6 and moments within 1e-4 of their scale."""
+    pool = write_pool(tmp_path / "pool.jsonl")
+    one = _rose(_warmup_argv(tiny_model_dir, pool, tmp_path / "one", batch_size=2))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _rose(["warmup", "--nproc", "2", *_warmup_argv(tiny_model_dir, pool, tmp_path / "two", batch_size=1)[1:]])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.strip().splitlines() == [str(tmp_path / "two")]  # printed once, by rank 0
+    for e in (1, 2):
+        a, b = adapter_tensors(tmp_path / "one" / f"ckpt-{e}"), adapter_tensors(tmp_path / "two" / f"ckpt-{e}")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        ma = load_file(str(tmp_path / "one" / f"ckpt-{e}" / "optimizer_state.safetensors"))
+        mb = load_file(str(tmp_path / "two" / f"ckpt-{e}" / "optimizer_state.safetensors"))
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            assert (ma[k] - mb[k]).abs().max() <= 1e-4 * ma[k].abs().max(), k
+    la, lb = (json.loads((tmp_path / n / "lr_log.json").read_text()) for n in ("one", "two"))
+    assert la == lb
+    config = json.loads((tmp_path / "two" / "config.json").read_text())["config"]
+    assert config["processes"] == 2 and config["engine"]
+
+
+def test_sigkill_then_resume_continues_the_schedule(tiny_model_dir, tmp_path, one_thread):
+    pool = write_pool(tmp_path / "pool.jsonl")
+    argv = _warmup_argv(tiny_model_dir, pool, tmp_path / "killed", epochs=3, fraction=1.0, batch_size=1, grad_accum=1)
+    proc = subprocess.Popen([sys.executable, "-m", "rose_select", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "killed" / "ckpt-1"
+    deadline = time.monotonic() + 240
+    try:
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        stderr = proc.stderr.read()
+    assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert first.exists() and not (tmp_path / "killed" / "ckpt-3").exists()  # killed inside the run
+    resumed = _rose(argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _rose(_warmup_argv(tiny_model_dir, pool, tmp_path / "whole", epochs=3, fraction=1.0, batch_size=1,
+                               grad_accum=1))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    logs = [json.loads((tmp_path / n / "lr_log.json").read_text()) for n in ("killed", "whole")]
+    assert logs[0] == logs[1] and len(logs[0]["steps"]) == 3 * 40
+    a, b = adapter_tensors(tmp_path / "killed" / "ckpt-3"), adapter_tensors(tmp_path / "whole" / "ckpt-3")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "killed").glob(".ckpt-*"))  # no temporary left behind after the resume

@@ -60,6 +60,13 @@ def completed_epochs(run_dir: Path) -> list[int]:
     return sorted(out)
 
 
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporaries of directory writes that a kill interrupted (``.<name>.*.tmp``)."""
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_dir_atomically(target: Path, fill) -> None:
     """Call ``fill(tmp_dir)``, then rename the temporary directory onto ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)

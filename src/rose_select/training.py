@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from rose_select.checkpoint_format import (completed_epochs, load_moments_into, publish_logs, save_checkpoint,
-                                           write_dir_atomically, write_logs)
+from rose_select.checkpoint_format import (completed_epochs, load_moments_into, publish_logs, remove_stale_temporaries,
+                                           save_checkpoint, write_dir_atomically, write_logs)
 from rose_select.errors import ConfigError, DataError, StoreMismatchError
 from rose_select.modeling import LoraSettings
 from rose_select.records import InstructionRecord
@@ -278,6 +278,7 @@ def _prepare_run(cfg: TrainConfig, chosen: Sequence[InstructionRecord], source: 
         if args.process_index == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             _check_or_write_config(run_dir, resolved, fp)
+            remove_stale_temporaries(run_dir)
             for name, content in (extra or {}).items():
                 write_json(run_dir / name, content)
     return run_dir, args
