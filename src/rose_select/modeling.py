@@ -205,9 +205,9 @@ def load_optimizer_state(ckpt_dir: str | Path, names) -> tuple[dict, dict]:
     path = ckpt_dir / "optimizer_state.safetensors"
     if not path.exists():
         found = sorted(p.name for p in ckpt_dir.glob("*")) if ckpt_dir.exists() else "directory missing"
-        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors, needed for Adam-preconditioned "
-                              f"features (found: {found}). Pickled optimizer.pt/optimizer.bin files are not "
-                              "read; re-run the warm-up with rose, or featurize with --adam false.")
+        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors (nor a Trainer's optimizer.pt/.bin), "
+                              f"needed for Adam-preconditioned features (found: {found}); re-run the warm-up "
+                              "with rose, or featurize with --adam false.")
     with safe_open(str(path), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata() or {}
         missing = [n for n in names if f"exp_avg/{n}" not in keys or f"exp_avg_sq/{n}" not in keys]
