@@ -16,6 +16,7 @@ epoch (``log_history``), as the ROSE authors compute them.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -150,7 +151,8 @@ def _skeleton(model_name: str, ckpt: Path):
     config = AutoConfig.from_pretrained(resolve_model(model_name))
     lora = LoraConfig.from_pretrained(str(ckpt))
     lora.inference_mode = False  # saved adapters say True, which would freeze the LoRA parameters
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(AutoModelForCausalLM.from_config(config), lora)
 
 

@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,9 @@ def attach_lora(model, lora: LoraSettings):
 
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated property: noise, not news
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = True):
