@@ -39,6 +39,8 @@ import numpy as np
 
 from rose_select.errors import ConfigError, DataError, ModelLoadError
 from rose_select.records import Message, PreferenceTriple
+from rose_select.modeling import ModelSettings
+from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tokenization import TokenizeConfig
 
 JUDGE_PROMPT = (
@@ -53,40 +55,47 @@ JUDGE_PROMPT = (
 
 
 @dataclass
-class EvalConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "base model (also the reference model π_ref)"})
-    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter dir (absent: evaluate the base model)"})
-    preferences: list[str] = field(default_factory=list, metadata={"help": "held-out preference file(s), comma-separated"})
-    preference_format: str = field(default="auto", metadata={"help": "format of the preference files (auto: detect)"})
-    test_prompts: str | None = field(default=None, metadata={"help": "dir (or file) of test prompts with golden answers"})
+class EvalSettings:
+    """How a model is measured, whatever the files: the ``evaluate`` section of a run."""
+
     beta: float = field(default=0.1, metadata={"help": "DPO β of the implicit reward"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
-    max_length: int = field(default=512, metadata={"help": "maximum tokens of prompt + answer"})
-    template: str = field(default="auto", metadata={"help": "auto | chat | less"})
     judge: str | None = field(default=None, metadata={"help": "judge model: reward model or causal LM (win rate vs golden)"})
     judge_kind: str = field(default="auto", metadata={"help": "auto | reward | pairwise"})
     max_new_tokens: int = field(default=128, metadata={"help": "greedy answer length for the judge"})
-    limit: int | None = field(default=None, metadata={"help": "at most this many triples / test prompts per subtask"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype"})
-    reference_cache: str | None = field(default=None, metadata={"help": "an .npz that keeps the base model's log-probs of the pairs for reuse across adapters"})
-    output: str = field(default="runs/eval", metadata={"help": "output directory"})
 
     def __post_init__(self):
         checks = [
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (self.judge_kind in ("auto", "reward", "pairwise"), f"judge_kind must be auto|reward|pairwise, got {self.judge_kind!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        self.tokenize_config()  # validates max_length / template
+        getattr(super(), "__post_init__", lambda: None)()
 
-    def tokenize_config(self) -> TokenizeConfig:
-        return TokenizeConfig(max_length=self.max_length, template=self.template)
+
+@dataclass
+class EvalConfig(ModelSettings, EvalSettings):
+    """One evaluation: the base model (also π_ref), an optional adapter, held-out pairs and/or test prompts."""
+
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter dir (absent: evaluate the base model)"})
+    preferences: list[str] = field(default_factory=list, metadata={"help": "held-out preference file(s), comma-separated"})
+    preference_format: str = field(default="auto", metadata={"help": "format of the preference files (auto: detect)"})
+    test_prompts: str | None = field(default=None, metadata={"help": "dir (or file) of test prompts with golden answers"})
+    limit: int | None = field(default=None, metadata={"help": "at most this many triples / test prompts per subtask"})
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    reference_cache: str | None = field(default=None, metadata={"help": "an .npz that keeps the base model's log-probs of the pairs for reuse across adapters"})
+    output: str = field(default="runs/eval", metadata={"help": "output directory"})
+
+    RENAMED = {"dtype": "model_dtype", "max_length": "tokenize.max_length", "template": "tokenize.template"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
 
 
 # ---------------------------------------------------------------------------- pure metric math
@@ -275,8 +284,8 @@ def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], 
     """``{"overall": metrics, "per_subtask": {subtask: metrics}}`` on held-out triples."""
     if not triples:
         raise DataError("no preference triples to evaluate")
-    s = triple_stats(model, tokenizer, triples, cfg.tokenize_config(), cfg.batch_size, device,
-                     reference_cache=cfg.reference_cache, reference_key=f"{cfg.model}\0{cfg.dtype}")
+    s = triple_stats(model, tokenizer, triples, cfg.tokenize, cfg.batch_size, device,
+                     reference_cache=cfg.reference_cache, reference_key=f"{cfg.model}\0{cfg.model_dtype}")
     keys = ("pol_w", "pol_l", "ref_w", "ref_l", "n_w", "n_l", "sft_w")
     subtasks = np.array([t.subtask for t in triples])
     per = {name: preference_metrics(*(s[k][subtasks == name] for k in keys), beta=cfg.beta)
@@ -403,9 +412,8 @@ def evaluate_test_prompts(model, tokenizer, files: dict[str, Path], cfg: EvalCon
     """Golden-answer log-likelihood (and judge win rate) per subtask; also returns the generations."""
     from tqdm.auto import tqdm
 
-    from rose_select.training import progress_disabled
 
-    tok_cfg, per, generations = cfg.tokenize_config(), {}, []
+    tok_cfg, per, generations = cfg.tokenize, {}, []
     for subtask, path in tqdm(files.items(), desc="test prompts", disable=progress_disabled()):
         items = read_test_file(path, cfg.limit)
         if not items:
@@ -472,14 +480,13 @@ def run_evaluate(cfg: EvalConfig, triples: Sequence[PreferenceTriple] | None = N
     from rose_select.config import to_dict
     from rose_select.io import write_json, write_jsonl, write_text
     from rose_select.modeling import load_adapter, load_model, load_tokenizer
-    from rose_select.training import resolve_device
 
     triples = list(triples) if triples is not None else _load_triples(cfg)
     if not triples and not cfg.test_prompts:
         raise ConfigError("nothing to evaluate: give preferences and/or test_prompts")
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    model = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
     if cfg.adapter:
         model = load_adapter(model, cfg.adapter, trainable=False).eval()
     metrics = {"config": to_dict(cfg), "overall": {}, "per_subtask": {}}
