@@ -27,11 +27,12 @@ class JudgeServer:
     (a judge with pure position bias). ``fail``: statuses to answer, in order, before any success
     (``fail_forever``: answer this status every time). ``api_key``: required Bearer token.
     ``reply`` / ``raw_body``: a fixed message content / response body (malformed output).
+    ``delay``: seconds to wait before answering.
     ``requests``: (arrival time, headers, parsed body) of every request, failures included."""
 
     def __init__(self):
         self.mode, self.fail, self.fail_forever, self.retry_after = "longer", [], None, "0"
-        self.api_key, self.reply, self.raw_body = None, None, None
+        self.api_key, self.reply, self.raw_body, self.delay = None, None, None, 0.0
         self.requests, self.lock = [], threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -66,6 +67,7 @@ class JudgeServer:
                 with server.lock:
                     server.requests.append((time.monotonic(), dict(self.headers), body))
                     status = server.fail.pop(0) if server.fail else server.fail_forever
+                time.sleep(server.delay)
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error": "not found"}')
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
@@ -194,6 +196,14 @@ def test_unreachable_endpoint(tmp_path):
     with pytest.raises(JudgeError, match=r"failed after 2 tries: unreachable \(.*[Cc]onnection refused") as e:
         judge.judge(convo(), "x", "y")
     assert "\n" not in str(e.value) and not (tmp_path / "c.jsonl").exists()
+
+
+def test_slow_endpoint_times_out(server):
+    server.delay = 0.5
+    judge = make_judge(server, retries=1, timeout=0.1)
+    with pytest.raises(JudgeError, match=r"failed after 2 tries: no reply within 0\.1 s"):
+        judge.prefers_a(convo(), "x", "y")
+    assert server.count == 2
 
 
 def test_api_key_from_environment(server, monkeypatch):

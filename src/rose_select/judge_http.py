@@ -221,7 +221,10 @@ class HttpJudge:
             try:
                 status, headers, payload = self._post(body)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                problem = f"unreachable ({_one_line(getattr(e, 'reason', None) or e)})"
+                reason = getattr(e, "reason", None) or e
+                timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
+                problem = (f"no reply within {self.timeout:g} s" if timed_out
+                           else f"unreachable ({_one_line(reason)})")
                 retry_after = None
             else:
                 if status == 200:
