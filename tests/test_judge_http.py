@@ -188,7 +188,9 @@ def test_retries_exhausted_is_one_line_error(server):
     assert server.count == 3 and "\n" not in str(e.value)
 
 
-def test_unreachable_endpoint(tmp_path):
+def test_unreachable_endpoint(tmp_path, tiny_model_dir, capsys):
+    from rose_select.cli import main
+
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -196,6 +198,15 @@ def test_unreachable_endpoint(tmp_path):
     with pytest.raises(JudgeError, match=r"failed after 2 tries: unreachable \(.*[Cc]onnection refused") as e:
         judge.judge(convo(), "x", "y")
     assert "\n" not in str(e.value) and not (tmp_path / "c.jsonl").exists()
+    tests = tmp_path / "shp_x.json"
+    tests.write_text(json.dumps([{"prompt": "\n\nHuman: Hi\n\nAssistant:", "golden_answer": "Hello."}]))
+    code = main(["evaluate", "--model", str(tiny_model_dir), "--test-prompts", str(tests), "--judge", "judge-m",
+                 "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-retries", "0", "--max-new-tokens", "2",
+                 "--device", "cpu", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: the model loader's progress bar)
+    assert code == 2
+    assert re.fullmatch(rf"rose evaluate: error: judge endpoint http://127\.0\.0\.1:{port}/v1/chat/completions "
+                        r"\(model 'judge-m'\) failed after 1 try: unreachable \(.*\)", err)
 
 
 def test_slow_endpoint_times_out(server):

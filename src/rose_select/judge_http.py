@@ -238,7 +238,8 @@ class HttpJudge:
                 retry_after = _retry_after_seconds(headers.get("Retry-After"))
             if attempt < self.retries:
                 time.sleep(retry_after if retry_after is not None else self.backoff * 2 ** attempt)
-        raise JudgeError(f"{self._where()} failed after {self.retries + 1} tries: {problem}")
+        tries = self.retries + 1
+        raise JudgeError(f"{self._where()} failed after {tries} {'try' if tries == 1 else 'tries'}: {problem}")
 
     def _post(self, body: bytes):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
