@@ -3,6 +3,7 @@ both orders, retries, rate limit, verdict cache, one-line errors, and `rose eval
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
@@ -14,10 +15,16 @@ import pytest
 
 from rose_select.errors import ConfigError, JudgeError
 from rose_select.evaluation import EvalConfig, run_evaluate
-from rose_select.judge_http import HttpJudge, VerdictCache, chat_completions_url, parse_verdict, verdict_key
+from rose_select.judge_http import (
+    HttpJudge,
+    VerdictCache,
+    chat_completions_url,
+    parse_verdict,
+    verdict_key,
+)
 from rose_select.records import Message
 
-_PAIR = re.compile(r"Response A:\n(.*)\n\nResponse B:\n(.*)\n\nWhich response", re.S)
+_PAIR = re.compile(r"Response A:\n(.*)\n\nResponse B:\n(.*)\n\nWhich response", re.DOTALL)
 
 
 class JudgeServer:
@@ -251,7 +258,7 @@ def test_rate_limit_spaces_requests(server):
     for i in range(5):
         judge.prefers_a(convo(), "x" * i, "y")
     times = [t for t, *_ in server.requests]
-    assert min(b - a for a, b in zip(times, times[1:])) >= 0.09
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.09
 
 
 def test_cache_keyed_by_model_and_order(server, tmp_path):

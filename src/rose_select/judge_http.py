@@ -30,8 +30,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rose_select.errors import ConfigError, JudgeError
 from rose_select.evaluation import JUDGE_PROMPT, hh_text, pairwise_outcome
@@ -65,7 +65,7 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.S)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _LEADING = re.compile(r"^[^\w]*(?:(?i:response|answer|verdict)[^\w]*)?([AB])(?!\w)")
 _NAMED = re.compile(r"\b(?i:response)\s+([AB])(?!\w)")
 
