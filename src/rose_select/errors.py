@@ -48,3 +48,8 @@ class NonFiniteError(RoseError, ValueError):
 
 class PeerError(RoseError, RuntimeError):
     """Another process of a multi-process run failed; this one stops too (its error is above)."""
+
+
+class JudgeError(RoseError, RuntimeError):
+    """A judge endpoint is unreachable, refuses the API key, keeps failing, or answers something
+    that is not a verdict. One line: the endpoint, the model and what went wrong."""

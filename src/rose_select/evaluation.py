@@ -18,13 +18,15 @@ Test prompts with golden answers (``test/<set>/<set>_<subtask>.json``):
   ``golden/logp``, ``golden/logp_per_token``  summed / per-token log-likelihood of the golden answer
   ``judge/win_rate``                         win rate of the greedy answer against the golden answer
 
-Judges (``judge``; ``judge_kind`` auto-detects from the model config):
+Judges (``judge``; ``judge_kind`` auto-detects from the model config, or ``http`` with ``judge_url``):
   ``reward``    a sequence-classification model with one output: win if
                 score(prompt, model answer) > score(prompt, golden), 0.5 on a tie.
   ``pairwise``  a causal LM asked ``JUDGE_PROMPT`` ("... Answer A or B."); the preference is the
                 sign of logit(" A") − logit(" B") at the next token. Each pair is judged in both
                 orders to cancel position bias: both orders prefer the model answer = 1, both the
                 golden answer = 0, the orders disagree = 0.5.
+  ``http``      the model ``judge`` behind an OpenAI-compatible chat endpoint ``judge_url``, asked the
+                same prompt in both orders, with retries, rate limit and a verdict cache (``judge_http``).
 """
 
 from __future__ import annotations
@@ -60,8 +62,15 @@ class EvalSettings:
 
     beta: float = field(default=0.1, metadata={"help": "DPO β of the implicit reward"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
-    judge: str | None = field(default=None, metadata={"help": "judge model: reward model or causal LM (win rate vs golden)"})
-    judge_kind: str = field(default="auto", metadata={"help": "auto | reward | pairwise"})
+    judge: str | None = field(default=None, metadata={"help": "judge (win rate vs golden): a reward model or causal LM, or with judge_url the endpoint's model name"})
+    judge_kind: str = field(default="auto", metadata={"help": "auto | reward | pairwise | http (http: with judge_url)"})
+    judge_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible chat endpoint, e.g. http://127.0.0.1:8080/v1; judge is then the endpoint's model name"})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the endpoint's API key (sent as a Bearer token when set)"})
+    judge_cache: str | None = field(default=None, metadata={"help": "endpoint verdict cache, JSON lines; a rerun reuses it (absent: OUTPUT/judge_cache.jsonl)"})
+    judge_retries: int = field(default=4, metadata={"help": "retries of an endpoint request on 429, 5xx, timeouts and refused connections"})
+    judge_backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry, doubled each retry (a Retry-After header wins)"})
+    judge_rps: float | None = field(default=None, metadata={"help": "at most this many endpoint requests per second"})
+    judge_timeout: float = field(default=60.0, metadata={"help": "seconds to wait for one endpoint reply"})
     max_new_tokens: int = field(default=128, metadata={"help": "greedy answer length for the judge"})
 
     def __post_init__(self):
@@ -69,11 +78,22 @@ class EvalSettings:
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.judge_kind in ("auto", "reward", "pairwise"), f"judge_kind must be auto|reward|pairwise, got {self.judge_kind!r}"),
+            (self.judge_kind in ("auto", "reward", "pairwise", "http"), f"judge_kind must be auto|reward|pairwise|http, got {self.judge_kind!r}"),
+            (self.judge_kind in ("auto", "http") or not self.judge_url, f"judge_url is an endpoint judge: judge_kind must be auto or http, got {self.judge_kind!r}"),
+            (self.judge_kind != "http" or self.judge_url, "judge_kind http needs judge_url (the endpoint)"),
+            (not self.judge_url or self.judge, "judge_url needs judge: the model name the endpoint serves"),
+            (self.judge_retries >= 0, f"judge_retries must be >= 0, got {self.judge_retries}"),
+            (self.judge_backoff >= 0, f"judge_backoff must be >= 0, got {self.judge_backoff}"),
+            (self.judge_rps is None or self.judge_rps > 0, f"judge_rps must be > 0, got {self.judge_rps}"),
+            (self.judge_timeout > 0, f"judge_timeout must be > 0, got {self.judge_timeout}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.judge_url:  # judge_http builds on this module: imported here, not at the top
+            from rose_select.judge_http import chat_completions_url
+
+            chat_completions_url(self.judge_url)  # validates the URL
         getattr(super(), "__post_init__", lambda: None)()
 
 
@@ -96,6 +116,15 @@ class EvalConfig(ModelSettings, EvalSettings):
         super().__post_init__()
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
+
+    def http_judge_options(self) -> dict:
+        """``load_judge`` keywords of the endpoint judge (empty without ``judge_url``)."""
+        if not self.judge_url:
+            return {}
+        return {"url": self.judge_url, "api_key_env": self.judge_api_key_env,
+                "cache": self.judge_cache or str(Path(self.output) / "judge_cache.jsonl"),
+                "retries": self.judge_retries, "backoff": self.judge_backoff, "rps": self.judge_rps,
+                "timeout": self.judge_timeout}
 
 
 # ---------------------------------------------------------------------------- pure metric math
@@ -396,7 +425,15 @@ class PairwiseJudge:
                                 self.prefers_a(messages, golden, model_answer))
 
 
-def load_judge(name: str, kind: str = "auto", device="cpu"):
+def load_judge(name: str, kind: str = "auto", device="cpu", *, url: str | None = None, **http_options):
+    """A judge with ``judge(messages, model_answer, golden)``: a local reward model or causal LM,
+    or, with ``url``, the model ``name`` behind an OpenAI-compatible endpoint (``judge_http``)."""
+    if url or kind == "http":
+        from rose_select.judge_http import HttpJudge
+
+        if not url:
+            raise ConfigError("judge_kind http needs judge_url (the endpoint)")
+        return HttpJudge(url, name, **http_options)
     if kind == "auto":
         from transformers import AutoConfig
 
@@ -495,8 +532,10 @@ def run_evaluate(cfg: EvalConfig, triples: Sequence[PreferenceTriple] | None = N
         metrics["overall"], metrics["per_subtask"] = dict(pref["overall"]), {k: dict(v) for k, v in pref["per_subtask"].items()}
     generations = []
     if cfg.test_prompts:
-        judge = load_judge(cfg.judge, cfg.judge_kind, device) if cfg.judge else None
+        judge = load_judge(cfg.judge, cfg.judge_kind, device, **cfg.http_judge_options()) if cfg.judge else None
         per_test, generations = evaluate_test_prompts(model, tokenizer, find_test_files(cfg.test_prompts), cfg, judge, device)
+        if hasattr(judge, "stats"):  # endpoint judge: requests sent, retries, verdicts served from the cache
+            metrics["judge_usage"] = dict(judge.stats)
         for name, m in per_test.items():
             metrics["per_subtask"].setdefault(name, {}).update(m)
         metrics["overall"].update(_overall_test(per_test))

@@ -202,7 +202,7 @@ def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool =
     ``test_prompts=False`` leaves out the golden-answer prompts and the judge (preference pairs only)."""
     settings = section_fields(cfg.evaluate, EvalSettings)
     if not test_prompts:
-        settings.update(judge=None)
+        settings.update(judge=None, judge_url=None)
     return compose(EvalConfig, _model(cfg), settings, tokenize=cfg.tokenize, reference_cache=str(reference_cache),
                    test_prompts=cfg.evaluate.test_prompts if test_prompts else None, output=str(output),
                    **overrides)
