@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from rose_select import modeling
-from rose_select.evaluation import (EvalConfig, evaluate_preferences, pairwise_outcome, parse_hh_prompt,
-                                    preference_metrics, reward_outcome, run_evaluate)
+from rose_select.judges import pairwise_outcome, reward_outcome
+from rose_select.evaluation import (EvalConfig, evaluate_preferences,
+                                    preference_metrics, run_evaluate)
+from rose_select.data import parse_transcript
 from rose_select.modeling import LoraSettings
 from rose_select.records import Message, PreferenceTriple
 from rose_select.tokenization import TokenizeConfig, encode_triple
@@ -117,7 +119,7 @@ def test_pure_helpers():
     assert reward_outcome(2.0, 1.0) == 1.0 and reward_outcome(1.0, 1.0) == 0.5 and reward_outcome(0.0, 1.0) == 0.0
     assert pairwise_outcome(True, False) == 1.0 and pairwise_outcome(False, True) == 0.0
     assert pairwise_outcome(True, True) == 0.5 and pairwise_outcome(False, False) == 0.5
-    msgs = parse_hh_prompt("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bake?\n\nAssistant:")
+    msgs = parse_transcript("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bake?\n\nAssistant:")
     assert [m.role for m in msgs] == ["user", "assistant", "user"] and msgs[-1].content == "bake?"
 
 

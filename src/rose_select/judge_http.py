@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rose_select.errors import ConfigError, JudgeError
-from rose_select.evaluation import JUDGE_PROMPT, hh_text, pairwise_outcome
+from rose_select.judges import JUDGE_PROMPT, hh_text, pairwise_outcome
 from rose_select.records import Message
 
 SYSTEM_PROMPT = "You are an impartial judge. Reply with a single letter, A or B, and nothing else."
