@@ -45,7 +45,7 @@ class FeaturizeSection:
     seed: int = field(default=0, metadata={"help": "projection seed"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
     dtype: str = field(default="float16", metadata={"help": "feature storage dtype"})
-    ref: str = field(default="base", metadata={"help": "pairwise reference model: base | self | PATH"})
+    ref: str = field(default="auto", metadata={"help": "pairwise reference model: auto (skipped unless influence runs: cosine scores do not depend on it) | base | self | PATH"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     checkpoints: list[int] | None = field(default=None, metadata={"help": "warm-up epochs to use (default: all)"})
 
@@ -170,6 +170,8 @@ def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validati
     from rose_select.features.stage import FeaturizeConfig
 
     f, methods = cfg.featurize, set(cfg.select.methods)
+    ref = "base" if f.ref == "auto" and "influence" in methods else f.ref  # influence needs DPO's scale
+    pairwise, less = bool(methods & {"rose", "influence", "shapley"}), "less" in methods
     common = dict(model=cfg.model, lora=cfg.lora, projection=f.projection, dim=f.dim, seed=f.seed,
                   batch_size=f.batch_size, max_length=cfg.tokenize.max_length, template=cfg.tokenize.template,
                   truncation=cfg.tokenize.truncation, dtype=f.dtype, device=cfg.device)
@@ -180,11 +182,12 @@ def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validati
             jobs.append((f"featurize/{ck.name}/pool", FeaturizeConfig(
                 **common, checkpoint=str(ck), data=pool, data_kind="pool", data_format=cfg.pool_format,
                 limit=cfg.pool_limit, loss="sft", adam=True, output=str(shared / "features" / ck.name / "pool"))))
-        if methods & {"rose", "influence", "shapley"}:
-            jobs.append((f"featurize/{ck.name}/val_pairwise", FeaturizeConfig(
+        if pairwise:  # with less: one pass writes both validation stores (features/joint.py)
+            jobs.append((f"featurize/{ck.name}/val_pairwise" + ("+val_sft" if less else ""), FeaturizeConfig(
                 **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="pairwise",
-                adam=False, beta=f.beta, ref=f.ref, output=str(base / "val_pairwise"))))
-        if "less" in methods:
+                adam=False, beta=f.beta, ref=ref, output=str(base / "val_pairwise"),
+                chosen_output=str(base / "val_sft") if less else None)))
+        elif less:
             jobs.append((f"featurize/{ck.name}/val_sft", FeaturizeConfig(
                 **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="sft_chosen",
                 adam=False, output=str(base / "val_sft"))))
@@ -284,7 +287,8 @@ def run_pipeline(cfg: RunConfig) -> Path:
     ckpts = _checkpoints(cfg, shared / "warmup")
     for key, fcfg in _featurize_jobs(cfg, run, shared, pool, validation, ckpts):
         where = shared_ledger if key.endswith("/pool") else ledger
-        where.run(key, _fp(fcfg, fp_warm), [Path(fcfg.output)], lambda c=fcfg: str(run_featurize(c)))
+        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
+        where.run(key, _fp(fcfg, fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
     fp_feat = _fp(cfg.featurize, fp_warm)
     for method in cfg.select.methods:
         scfg = _select_config(cfg, run, shared, method, pool, validation, ckpts)
