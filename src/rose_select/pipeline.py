@@ -145,6 +145,9 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
     """(key, FeaturizeConfig) for every store the chosen methods need (pool stores under ``shared``)."""
     methods = set(cfg.select.methods)
     settings = section_fields(cfg.featurize, FeatureSettings)
+    if settings["ref"] == "auto" and "influence" in methods:  # influence needs DPO's scale
+        settings["ref"] = "base"
+    pairwise, less = bool(methods & {"rose", "influence", "shapley"}), "less" in methods
     common = dict(**_model(cfg), **settings, lora=cfg.lora, tokenize=cfg.tokenize)
     jobs = []
     for ck in ckpts:
@@ -154,10 +157,12 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
             kinds.append(("pool", dict(data=pool, data_kind="pool", data_format=cfg.pool_format,
                                        limit=cfg.pool_limit, loss="sft", adam=True),
                           shared / "features" / ck.name / "pool"))
-        if methods & {"rose", "influence", "shapley"}:
-            kinds.append(("val_pairwise", dict(data=validation, data_kind="preference", loss="pairwise", adam=False),
+        if pairwise:  # with less: one pass writes both validation stores (features/joint.py)
+            kinds.append(("val_pairwise" + ("+val_sft" if less else ""),
+                          dict(data=validation, data_kind="preference", loss="pairwise", adam=False,
+                               chosen_output=str(base / "val_sft") if less else None),
                           base / "val_pairwise"))
-        if "less" in methods:
+        elif less:
             kinds.append(("val_sft", dict(data=validation, data_kind="preference", loss="sft_chosen", adam=False),
                           base / "val_sft"))
         jobs += [(f"featurize/{ck.name}/{kind}", FeaturizeConfig(**common, **io, checkpoint=str(ck), output=str(out)))
@@ -253,7 +258,8 @@ def run_pipeline(cfg: RunConfig) -> Path:
     ckpts = _checkpoints(cfg, shared / "warmup")
     for key, fcfg in featurize_jobs(cfg, run, shared, pool, validation, ckpts):
         where = shared_ledger if key.endswith("/pool") else ledger
-        where.run(key, _fp(fcfg, fp_warm), [Path(fcfg.output)], lambda c=fcfg: str(run_featurize(c)))
+        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
+        where.run(key, _fp(fcfg, fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
     fp_feat = _fp(cfg.featurize, fp_warm)
     for method in cfg.select.methods:
         scfg = select_config(cfg, run, shared, method, pool, validation, ckpts)

@@ -7,6 +7,10 @@ Losses:
 - ``pairwise``: the DPO loss of each validation triple (ROSE validation side); no Adam.
 - ``sft_chosen``: SFT loss of each triple's chosen answer (LESS validation side); no Adam.
 
+``chosen_output`` (loss ``pairwise``): also write the ``sft_chosen`` features of the same triples
+into a second store, from the same forward/backward pass (``joint.py``). ``ref: auto`` skips the
+pairwise reference forward; its store records ``pair_scale: unweighted`` (see ``joint.py``).
+
 ``checkpoint`` is a warm-up checkpoint directory (peft adapter, plus ``optimizer_state.safetensors``
 for Adam). Without one, a fresh LoRA adapter (``lora`` settings, peft's init: B = 0, so only the B
 matrices have non-zero gradients) is attached: base-model features, for ablations.
@@ -30,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rose_select.errors import ConfigError, DataError, NonFiniteError, StoreMismatchError
+from rose_select.errors import ConfigError, DataError, NonFiniteError
+from rose_select.features.joint import load_reference, pair_scale
+from rose_select.features.sink import outputs
 from rose_select.modeling import LoraSettings, ModelSettings
 from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tokenization import TokenizeConfig
@@ -55,7 +61,7 @@ class FeatureSettings:
     autocast: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA) | none | bfloat16 | float16"})
     padding_side: str = field(default="right", metadata={"help": "left | right"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta (pairwise loss)"})
-    ref: str = field(default="base", metadata={"help": "pairwise reference: base (adapters off) | self | <model path>"})
+    ref: str = field(default="auto", metadata={"help": "pairwise reference: auto (skipped: enough for cosine scoring, rose/shapley) | base (adapters off: the true DPO scale, for influence) | self | <model path>"})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of the preconditioning"})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of the preconditioning"})
     adam_eps: float = field(default=1e-8, metadata={"help": "Adam eps (inside the square root)"})
@@ -93,6 +99,7 @@ class FeaturizeConfig(ModelSettings, FeatureSettings):
     limit: Optional[int] = field(default=None, metadata={"help": "use only the first N records"})
     loss: str = field(default="sft", metadata={"help": "sft | pairwise | sft_chosen"})
     adam: Optional[bool] = field(default=None, metadata={"help": "Adam-precondition (default: true for sft, must be false otherwise)"})
+    chosen_output: Optional[str] = field(default=None, metadata={"help": "loss pairwise: also write the chosen answers' sft_chosen features (LESS) to this store, from the same pass"})
     output: str = field(default="", metadata={"help": "feature store directory"})
 
     RENAMED = {**FeatureSettings.RENAMED, "max_length": "tokenize.max_length",
@@ -121,6 +128,10 @@ class FeaturizeConfig(ModelSettings, FeatureSettings):
             raise ConfigError("data: a data file is required")
         if not self.output:
             raise ConfigError("output: a feature store directory is required")
+        if self.chosen_output and self.loss != "pairwise":
+            raise ConfigError(f"chosen_output comes from the pairwise pass: it needs loss pairwise, not {self.loss!r}")
+        if self.chosen_output and Path(self.chosen_output).resolve() == Path(self.output).resolve():
+            raise ConfigError(f"chosen_output and output are the same directory ({self.output})")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -206,6 +217,7 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "adam_hparams": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps] if cfg.adam else None,
         "beta": cfg.beta if cfg.loss == "pairwise" else None,
         "ref": cfg.ref if cfg.loss == "pairwise" else None,
+        **({"pair_scale": pair_scale(cfg.ref)} if cfg.loss == "pairwise" else {}),
         "projection": projector_fp, "max_length": cfg.tokenize.max_length, "template": cfg.tokenize.template,
         "truncation": cfg.tokenize.truncation, "batch_size": cfg.batch_size, "padding_side": cfg.padding_side,
         "autocast": cfg.autocast,
@@ -243,6 +255,9 @@ class _Job:
     amp: object
     pad_id: int
     device: object
+    outputs: list  # sink.Output per store: one, or pairwise + chosen for the joint pass
+    store_dtype: str
+    ref: object = None  # the joint pass's reference ("auto", "base", "self" or a model)
 
 
 def _load_lora_model(cfg: FeaturizeConfig, device):
@@ -267,20 +282,6 @@ def _load_lora_model(cfg: FeaturizeConfig, device):
     return model, adapter_sha
 
 
-def _loss_fn(cfg: FeaturizeConfig, device):
-    from rose_select.features import gradients as G
-    from rose_select.modeling import load_model
-
-    if cfg.loss != "pairwise":
-        return G.sft_loss_fn
-    ref = cfg.ref
-    if ref not in ("base", "self"):
-        ref = load_model(cfg.ref, dtype=cfg.model_dtype, device=str(device)).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-    return G.pairwise_loss_fn(cfg.beta, ref)
-
-
 def _prepare(cfg: FeaturizeConfig, device) -> _Job:
     from rose_select.features import gradients as G
     from rose_select.modeling import load_tokenizer
@@ -298,15 +299,18 @@ def _prepare(cfg: FeaturizeConfig, device) -> _Job:
         adam = G.load_adam_state(cfg.checkpoint, model, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
                                  eps=cfg.adam_eps, device=device)
     settings = settings_fingerprint(cfg, projector.fingerprint(), adapter_sha, _file_sha(cfg.data))
-    return _Job(ids, groups, encs, model, projector, settings, adam, _loss_fn(cfg, device),
-                autocast_dtype(cfg, device), tokenizer.pad_token_id, device)
+    ref = load_reference(cfg.ref, cfg.model_dtype, device) if cfg.loss == "pairwise" else None
+    loss_fn = G.pairwise_loss_fn(cfg.beta, ref) if cfg.loss == "pairwise" else G.sft_loss_fn
+    return _Job(ids, groups, encs, model, projector, settings, adam, loss_fn, autocast_dtype(cfg, device),
+                tokenizer.pad_token_id, device, outputs(cfg.output, cfg.chosen_output, settings), cfg.store_dtype, ref)
 
 
-# --------------------------------------------------------------------------- batches and the store
+# --------------------------------------------------------------------------- batches
 
 def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
-    """``[len(rows), dim]`` float32 features of one batch, on the job's device."""
+    """``[len(rows), k * dim]`` float32 features of one batch (k outputs), on the job's device."""
     from rose_select.features import gradients as G
+    from rose_select.features.joint import joint_features
     from rose_select.tokenization import collate
 
     seqs = [job.encs[i][0] for i in rows]
@@ -315,77 +319,39 @@ def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
         seqs += [job.encs[i][1] for i in rows]
         row_to_item = G.pair_row_to_item(len(rows), job.device)
     batch = {k: v.to(job.device) for k, v in collate(seqs, job.pad_id, cfg.padding_side).items()}
+    item_ids = [job.ids[i] for i in rows]
     try:
+        if len(job.outputs) == 2:
+            return joint_features(job.model, batch, job.projector, ref=job.ref, beta=cfg.beta,
+                                  item_ids=item_ids, autocast_dtype=job.amp).float()
         feats = G.per_example_features(job.model, batch, job.loss_fn, job.projector, row_to_item=row_to_item,
-                                       n_items=len(rows), item_ids=[job.ids[i] for i in rows],
-                                       adam=job.adam, autocast_dtype=job.amp)
+                                       n_items=len(rows), item_ids=item_ids, adam=job.adam, autocast_dtype=job.amp)
     except NonFiniteError as e:
         raise NonFiniteError(f"{cfg.data}: {e}; nothing of this batch was written. Check the model "
                              f"({cfg.model}) and checkpoint ({cfg.checkpoint}) for NaN/inf weights") from None
     return feats.float()
 
 
-def _store_kwargs(job: _Job, cfg: FeaturizeConfig) -> dict:
-    return dict(n_rows=len(job.ids), dim=job.projector.dim, dtype=cfg.store_dtype, settings=job.settings,
-                row_ids=job.ids, row_groups=job.groups)
-
-
-def _open_existing(cfg: FeaturizeConfig, job: _Job):
-    """The store to resume (after checking its settings), or None: it is created at the first
-    write, so inputs that fail on the first batch leave no output behind."""
-    from rose_select.features.store import META, FeatureStore
-
-    if not (Path(cfg.output) / META).exists():
-        if Path(cfg.output).exists() and any(Path(cfg.output).iterdir()):
-            raise StoreMismatchError(f"{cfg.output} exists but is not a feature store (no {META}); "
-                                     f"use a new output directory or delete it")
-        return None
-    return FeatureStore.open(cfg.output, **_store_kwargs(job, cfg))
-
-
-def _done_mask(store, n: int):
-    """``[n]`` uint8, 1 where a row already has features (all 0 before the store exists)."""
-    import numpy as np
-
-    done = np.zeros(n, dtype=np.uint8)
-    if store is not None:
-        done[:] = 1
-        done[store.pending()] = 0
-    return done
-
-
-def _write_round(cfg: FeaturizeConfig, job: _Job, store, round_, got, done) -> tuple[object, int]:
-    """Write the pending rows of a round's batches (creating the store first if needed)."""
-    from rose_select.features.store import FeatureStore
-
-    store = store or FeatureStore.open(cfg.output, **_store_kwargs(job, cfg))
-    written = 0
-    for rows, feats in zip(round_, got):
-        keep = [j for j, i in enumerate(rows) if not done[i]]
-        store.write([rows[j] for j in keep], feats[keep].numpy())
-        written += len(keep)
-    return store, written
-
-
-def _round(cfg: FeaturizeConfig, job: _Job, d, store, round_, done) -> tuple[object, int]:
+def _round(cfg: FeaturizeConfig, job: _Job, d, stores, round_, done) -> tuple[list, int]:
     """One round: every rank computes its batch (if it has one), rank 0 writes them all; a
-    failure anywhere stops every rank. Returns (store, rows written)."""
+    failure anywhere stops every rank. Returns (stores, rows written)."""
     from rose_select.features import distributed as D
+    from rose_select.features import sink
 
     mine = round_[d.rank] if d.rank < len(round_) else None
     feats, err = D.attempt(lambda: _batch_features(cfg, job, mine)) if mine else (None, None)
     D.agree(d, err)
-    got = D.gather_features(d, feats, cfg.batch_size, job.projector.dim)
+    got = D.gather_features(d, feats, cfg.batch_size, job.projector.dim * len(job.outputs))
     if not d.is_main:
         D.agree(d, None)  # learns whether rank 0's write failed
-        return store, 0
-    outcome, err = D.attempt(lambda: _write_round(cfg, job, store, round_, got, done))
+        return stores, 0
+    outcome, err = D.attempt(lambda: sink.write_round(job, stores, round_, got, done))
     D.agree(d, err)
     return outcome
 
 
-def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, store, rounds, done, stop_after: int | None):
-    """All rounds, with a progress bar on rank 0. Returns (store, finished)."""
+def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, stores, rounds, done, stop_after: int | None):
+    """All rounds, with a progress bar on rank 0. Returns (stores, finished)."""
     from tqdm.auto import tqdm
 
     todo = sum(1 for r in rounds for b in r for i in b if not done[i])
@@ -394,19 +360,20 @@ def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, store, rounds, done, stop_af
     try:
         for k, round_ in enumerate(rounds):
             if stop_after is not None and k >= stop_after:
-                return store, False
-            store, written = _round(cfg, job, d, store, round_, done)
+                return stores, False
+            stores, written = _round(cfg, job, d, stores, round_, done)
             bar.update(written)
     finally:
         bar.close()
-    return store, True
+    return stores, True
 
 
 # --------------------------------------------------------------------------- the stage
 
 def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None,
                   stats: dict | None = None) -> Path:
-    """Compute (or resume) the feature store ``cfg.output``; returns its path.
+    """Compute (or resume) the feature store ``cfg.output`` (and ``cfg.chosen_output``); returns
+    the path of ``cfg.output``.
 
     Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) every process calls this; they
     split the batches and rank 0 writes the store. The store is created only once the first
@@ -415,6 +382,7 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
     ``stats``, if given, receives ``batches`` and ``seconds`` of this process's batch loop
     (benchmarks)."""
     from rose_select.features import distributed as D
+    from rose_select.features import sink
 
     _, world, local_rank = D.env_ranks()
     device = resolve_device(cfg.device, local_rank if world > 1 else None)
@@ -425,19 +393,19 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
         if len(set(tokens)) > 1:
             raise ConfigError(f"the ranks loaded different inputs (settings hashes {tokens}): every node "
                               f"needs the same model, checkpoint and data files")
-        store, err = D.attempt(lambda: _open_existing(cfg, job)) if d.is_main else (None, None)
+        stores, err = D.attempt(lambda: sink.open_existing(job)) if d.is_main else ([None] * len(job.outputs), None)
         D.agree(d, err)
-        done = D.broadcast_mask(d, _done_mask(store, len(job.ids)))
+        done = D.broadcast_mask(d, sink.done_mask(stores, len(job.ids)))
         batches = [b for b in plan_batches(job.encs, cfg.batch_size) if not all(done[i] for i in b)]
         t0 = time.perf_counter()
-        store, finished = _run_rounds(cfg, job, d, store, plan_rounds(batches, d.world), done,
-                                      stop_after_batches)
+        stores, finished = _run_rounds(cfg, job, d, stores, plan_rounds(batches, d.world), done,
+                                       stop_after_batches)
         seconds = time.perf_counter() - t0
         if stats is not None:
             stats.update(batches=len(batches), seconds=seconds)
-        if d.is_main and finished and store is not None and not store.meta.get("complete"):
+        if d.is_main and finished:
             log.info("featurized %d batches in %.1fs", len(batches), seconds)
-            store.finalize()
+            sink.finalize(stores)
     finally:
         D.stop(d)
     return Path(cfg.output)

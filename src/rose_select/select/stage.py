@@ -137,11 +137,27 @@ def _scores_gradient(cfg, pool, triples):
     return result.scores, result.per_group, result.group_names, {"checkpoint_weights": w.tolist()}
 
 
+def _require_dpo_scale(paths) -> None:
+    """Influence sums unnormalised inner products, so each validation triple's DPO weight counts:
+    refuse pairwise stores written with ``ref: auto`` (``pair_scale: unweighted``, weight left out)."""
+    from rose_select.io import read_json
+
+    for p in paths:
+        meta = Path(p) / "meta.json"
+        scale = read_json(meta).get("settings", {}).get("pair_scale") if meta.exists() else None
+        if scale == "unweighted":
+            raise ConfigError(f"{p}: pairwise features made with ref: auto carry each triple's direction but "
+                              "not DPO's per-triple weight (the reference forward was skipped; cosine scoring "
+                              "does not need it). The influence baseline needs the true scale: featurize the "
+                              "validation set again with ref: base")
+
+
 def _scores_influence(cfg, pool, triples):
     from rose_select.select.baselines import influence_scores
     from rose_select.select.scoring import load_store_features
 
     _need_features(cfg)
+    _require_dpo_scale(cfg.val_features)
     w = lr_weights(cfg, len(cfg.pool_features))
     total = np.zeros(len(pool))
     for wi, p, v in zip(w, cfg.pool_features, cfg.val_features):
