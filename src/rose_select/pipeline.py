@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from rose_select.checkpoints import read_warmup_checkpoints
 from rose_select.config import to_dict
 from rose_select.errors import ConfigError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
@@ -213,8 +214,8 @@ def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: s
     grad = method in ("rose", "less", "influence", "shapley")
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
-        log = read_json(shared / "warmup" / "lr_log.json")
-        weights = [log["epoch_mean_lr"][int(c.name.split("-")[1]) - 1] for c in ckpts]
+        lrs = {str(path): lr for _, path, lr in read_warmup_checkpoints(shared / "warmup")}
+        weights = [lrs[str(c)] for c in ckpts]
     return SelectConfig(
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
         num_subtasks=cfg.num_subtasks,
