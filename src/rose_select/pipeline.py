@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rose_select.checkpoints import read_warmup_checkpoints
 from rose_select.config import to_dict
-from rose_select.errors import ConfigError
+from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
 from rose_select.modeling import LoraSettings
 from rose_select.tokenization import TokenizeConfig
@@ -270,9 +270,12 @@ def run_pipeline(cfg: RunConfig) -> Path:
     from rose_select.training import run_train, run_warmup
 
     run = Path(cfg.output_dir)
+    pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
+    for name, path in (("pool", pool), ("validation", validation)):
+        if not Path(path).is_file():  # before anything is written: no leftover config.yaml
+            raise DataError("file not found", path=path, field=name)
     run.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run / "config.yaml")
-    pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
     ledger = StageLedger(run)
     warm_cfg, train_cfg = _stage_configs(cfg, run, pool, validation)
