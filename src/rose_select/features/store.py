@@ -178,7 +178,12 @@ def _create(path: Path, spec: dict) -> None:
     _check_free_space(path.parent, spec)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-{os.getpid()}-", dir=path.parent))
     try:
-        _write_files(tmp, spec)
+        try:
+            _write_files(tmp, spec)
+        except OSError as e:  # name the store's path, not the hidden temporary's
+            if e.filename is None or not str(e.filename).startswith(str(tmp)):
+                raise
+            raise OSError(e.errno, e.strerror, str(path) + str(e.filename)[len(str(tmp)):]) from None
         try:
             os.rename(tmp, path)
         except OSError:
