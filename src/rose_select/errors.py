@@ -60,6 +60,7 @@ _OS_HINTS = {
     errno.EROFS: "read-only file system; choose another output directory",
     errno.ENOTDIR: "a part of this path is a file, not a directory",
     errno.EISDIR: "is a directory, where a file was expected",
+    errno.EEXIST: "exists and is not a directory; an output must be a directory (choose another path)",
     errno.ENOENT: "no such file or directory",
 }
 

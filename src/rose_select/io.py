@@ -95,7 +95,10 @@ def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as e:  # name the directory the user gave, not the temporary's name
+        raise OSError(e.errno, e.strerror, str(target.parent)) from None
     try:
         fill(tmp)
         if target.exists():
