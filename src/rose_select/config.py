@@ -161,8 +161,9 @@ def to_dict(cfg) -> dict:
 def load_yaml(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
     """Load a config from YAML, then apply flag overrides (dotted keys allowed: ``warmup.epochs``)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" if not path.exists() else
+                          f"config file {path} is a directory; give the YAML file inside it")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

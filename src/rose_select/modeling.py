@@ -112,6 +112,16 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def model_identity(name: str) -> str:
+    """What a model *is*, for fingerprints: ``sha256:<content hash>`` of a local directory (the
+    same for a relative or absolute path, a copy or a move; different when the weights at that
+    path are replaced), else the hub id as given."""
+    from rose_select.io import content_fingerprint
+
+    path = Path(resolve_model(name)).expanduser()
+    return f"sha256:{content_fingerprint(path)}" if path.is_dir() else name
+
+
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not Path(name).exists()

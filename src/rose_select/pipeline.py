@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from rose_select.checkpoints import read_warmup_checkpoints
 from rose_select.config import compose, section_fields, to_dict
-from rose_select.errors import ConfigError
+from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
 from rose_select.evaluation import EvalConfig, EvalSettings
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig
@@ -189,8 +190,8 @@ def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: st
     grad = method in GRADIENT_METHODS
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
-        log = read_json(shared / "warmup" / "lr_log.json")
-        weights = [log["epoch_mean_lr"][int(c.name.split("-")[1]) - 1] for c in ckpts]
+        lrs = {str(path): lr for _, path, lr in read_warmup_checkpoints(shared / "warmup")}
+        weights = [lrs[str(c)] for c in ckpts]
     return compose(
         SelectConfig, _model(cfg), section_fields(cfg.select, SelectSettings),
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
@@ -243,9 +244,12 @@ def run_pipeline(cfg: RunConfig) -> Path:
     from rose_select.training import run_train, run_warmup
 
     run = Path(cfg.output_dir)
+    pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
+    for name, path in (("pool", pool), ("validation", validation)):
+        if not Path(path).is_file():  # before anything is written: no leftover config.yaml
+            raise DataError("file not found", path=path, field=name)
     run.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run / "config.yaml")
-    pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
     ledger = StageLedger(run)
     warm_cfg, train_cfg = training_configs(cfg, run, pool)

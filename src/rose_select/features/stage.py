@@ -43,7 +43,7 @@ from rose_select.tokenization import TokenizeConfig
 
 log = logging.getLogger(__name__)
 LOSSES = ("sft", "pairwise", "sft_chosen")
-FEATURIZE_VERSION = 2  # 2: one global batch plan; a fresh adapter is seeded
+FEATURIZE_VERSION = 3  # 2: one global batch plan; a fresh adapter is seeded; 3: model by content
 
 
 STORE_DTYPES = ("float16", "float32")
@@ -201,12 +201,13 @@ def plan_rounds(batches: list[list[int]], world: int) -> list[list[list[int]]]:
 def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: str | None,
                          data_sha: str) -> dict:
     import rose_select
+    from rose_select.modeling import model_identity
 
     ckpt = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
     return {
         "stage": "featurize", "featurize_version": FEATURIZE_VERSION,
         "rose_select_version": getattr(rose_select, "__version__", "?"),
-        "model": cfg.model, "model_dtype": cfg.model_dtype,
+        "model": model_identity(cfg.model), "model_dtype": cfg.model_dtype,  # by content, not path
         "checkpoint": ckpt, "adapter_sha256": adapter_sha,
         "lora": None if cfg.checkpoint else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                              "target_modules": list(cfg.lora.target_modules),

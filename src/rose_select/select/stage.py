@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rose_select.errors import ConfigError
+from rose_select.checkpoints import read_warmup_checkpoints, warmup_epochs
+from rose_select.errors import ConfigError, DataError
 from rose_select.modeling import ModelSettings
 from rose_select.tokenization import TokenizeConfig
 
@@ -53,7 +54,7 @@ class SelectConfig(ModelSettings, SelectSettings):
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of a contiguous preference file"})
     pool_features: list[str] = field(default_factory=list, metadata={"help": "pool feature stores, one per checkpoint"})
     val_features: list[str] = field(default_factory=list, metadata={"help": "validation feature stores, one per checkpoint (pairwise for rose, sft_chosen for less)"})
-    warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its lr_log.json gives checkpoint weights"})
+    warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its checkpoints' mean learning rates give the checkpoint weights"})
     checkpoint_weights: list[float] | None = field(default=None, metadata={"help": "override the checkpoint weights"})
     count: int | None = field(default=None, metadata={"help": "number to select (overrides fraction)"})
     quotas: dict | None = field(default=None, metadata={"help": "per-source quotas {source: fraction or count} (YAML)"})
@@ -83,14 +84,23 @@ def lr_weights(cfg: SelectConfig, n_checkpoints: int) -> np.ndarray:
             raise ConfigError(f"{len(cfg.checkpoint_weights)} checkpoint weights for {n_checkpoints} checkpoints")
         return checkpoint_weights(cfg.checkpoint_weights)
     if cfg.warmup_dir:
-        from rose_select.io import read_json
-
-        lrs = read_json(Path(cfg.warmup_dir) / "lr_log.json")["epoch_mean_lr"]
+        lrs = warmup_lrs(cfg.warmup_dir)
         if len(lrs) != n_checkpoints:
-            raise ConfigError(f"the warm-up logged {len(lrs)} epochs but {n_checkpoints} checkpoints are scored; "
-                              "give checkpoint_weights for a subset of checkpoints")
+            raise ConfigError(f"the warm-up {cfg.warmup_dir} has {len(lrs)} checkpoints but {n_checkpoints} "
+                              "are scored; give checkpoint_weights for a subset of checkpoints")
         return checkpoint_weights(lrs)
     return np.full(n_checkpoints, 1.0 / n_checkpoints)
+
+
+def warmup_lrs(warmup_dir: str) -> list[float]:
+    """Mean lr of each warm-up epoch, read from the checkpoints themselves (each records its own);
+    an unfinished warm-up is refused rather than weighted by the epochs it happens to have."""
+    ckpts = read_warmup_checkpoints(warmup_dir)
+    epochs = warmup_epochs(warmup_dir)
+    if not ckpts or (epochs is not None and len(ckpts) != epochs):
+        raise ConfigError(f"{warmup_dir}: the warm-up has {len(ckpts)} of {epochs or '?'} checkpoints; "
+                          "run the warm-up again with the same settings to finish it")
+    return [lr for _, _, lr in ckpts]
 
 
 def _need_features(cfg: SelectConfig):
@@ -214,28 +224,79 @@ SCORERS = {"rose": _scores_gradient, "less": _scores_gradient, "influence": _sco
            "bm25": _scores_text, "dsir": _scores_text}
 
 
+def _fingerprint(cfg: SelectConfig) -> dict:
+    """Everything the selection depends on: the settings and the inputs' contents."""
+    from rose_select.config import to_dict
+    from rose_select.io import sha256_file
+
+    stores = [sha256_file(Path(p) / "meta.json") if (Path(p) / "meta.json").exists() else None
+              for p in [*cfg.pool_features, *cfg.val_features]]
+    inputs = {"pool_sha256": sha256_file(cfg.pool),
+              "validation_sha256": sha256_file(cfg.validation) if cfg.validation else None,
+              "stores_meta_sha256": stores,
+              "warmup_lrs": warmup_lrs(cfg.warmup_dir) if cfg.warmup_dir and not cfg.checkpoint_weights else None}
+    return {"config": {k: v for k, v in to_dict(cfg).items() if k != "output"}, "inputs": inputs}
+
+
+def _existing(out: Path, fp: dict) -> bool:
+    """True if ``out`` already holds this very selection; refuse one made with other settings."""
+    from rose_select.errors import StoreMismatchError
+    from rose_select.io import read_json
+
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a directory; choose another output")
+    if (out / "config.json").exists():
+        old = read_json(out / "config.json")
+        if old == fp:
+            return True
+        diff = sorted(f"{part}.{k}" for part in ("config", "inputs") for k in set(old.get(part, {})) | set(fp[part])
+                      if old.get(part, {}).get(k) != fp[part].get(k))
+        raise StoreMismatchError(f"{out} holds a selection made with other settings or inputs (differing: "
+                                 f"{', '.join(diff)}); use another output directory or delete {out}")
+    if any(out.iterdir()):
+        raise StoreMismatchError(f"{out} exists but holds no selection config.json (not a selection, or "
+                                 f"made by an older rose-select); use another output directory or delete {out}")
+    return False
+
+
 def run_select(cfg: SelectConfig) -> Path:
-    """Score the pool with ``cfg.method`` and write the selection directory."""
+    """Score the pool with ``cfg.method`` and write the selection directory: complete or absent
+    (built under a temporary name, then renamed), with the resolved config and input fingerprints
+    in ``config.json``. A rerun with the same settings and inputs returns it as it is; other
+    settings are refused, never mixed into it."""
     from rose_select.data import load_pool, load_preferences
+    from rose_select.io import write_dir_atomically, write_json
     from rose_select.select.topk import select_top, write_selection
 
     if not cfg.pool:
         raise ConfigError("select needs a pool file (--pool)")
     pool = load_pool(cfg.pool, format=cfg.pool_format, limit=cfg.pool_limit)
+    if cfg.method != "full" and not cfg.validation:
+        raise ConfigError(f"method {cfg.method!r} needs a validation preference file (--validation)")
+    if cfg.validation and not Path(cfg.validation).is_file():
+        raise DataError("file not found", path=cfg.validation, field="validation")
+    fp, out = _fingerprint(cfg), Path(cfg.output)
+    if _existing(out, fp):
+        return out
     if cfg.method == "full":
         scores, per_group, names, extra = np.zeros(len(pool)), None, None, {}
         idx = np.arange(len(pool))
     else:
-        if not cfg.validation:
-            raise ConfigError(f"method {cfg.method!r} needs a validation preference file (--validation)")
         kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
         triples = load_preferences(cfg.validation, **kw)
         scores, per_group, names, extra = SCORERS[cfg.method](cfg, pool, triples)
         idx = select_top(scores, fraction=cfg.fraction, count=cfg.count, ids=[r.id for r in pool],
                          sources=[r.source for r in pool], quotas=cfg.quotas)
-    write_selection(cfg.output, pool, scores, idx, per_group=per_group, group_names=names,
-                    method=cfg.method, extra=extra, plots=cfg.plots)
-    return Path(cfg.output)
+
+    def fill(tmp: Path):
+        write_selection(tmp, pool, scores, idx, per_group=per_group, group_names=names,
+                        method=cfg.method, extra=extra, plots=cfg.plots)
+        write_json(tmp / "config.json", fp)
+
+    write_dir_atomically(out, fill)
+    return out
 
 
 # ------------------------------------------------------------------------------------- CLI hooks
