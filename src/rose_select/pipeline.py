@@ -55,6 +55,10 @@ class SelectSection:
     methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"], metadata={"help": "methods to compare"})
     fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
     reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
+    direction: str = field(default="pairwise", metadata={"help": "rose: pairwise (the paper) | pairwise_ln (length-normalised)"})
+    chosen_weight: float = field(default=0.0, metadata={"help": "rose: weight of the chosen-answer (LESS) direction added"})
+    standardize: bool = field(default=False, metadata={"help": "rose/less/variants: z-score each subtask's scores before the max"})
+    balanced: bool = field(default=False, metadata={"help": "rose/less/variants: round robin over subtasks instead of global top-k"})
     rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last"})
     knn_k: int = field(default=10, metadata={"help": "shapley: K"})
     damping: float = field(default=0.1, metadata={"help": "influence: damping"})
@@ -169,25 +173,30 @@ def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validati
     """(key, FeaturizeConfig) for every store the chosen methods need (pool stores under ``shared``)."""
     from rose_select.features.stage import FeaturizeConfig
 
+    from rose_select.select.stage import GRADIENT_METHODS, stores_needed
+
     f, methods = cfg.featurize, set(cfg.select.methods)
+    s = cfg.select
+    needed = set().union(*[stores_needed(m, s.direction, s.chosen_weight) for m in methods])
     common = dict(model=cfg.model, lora=cfg.lora, projection=f.projection, dim=f.dim, seed=f.seed,
                   batch_size=f.batch_size, max_length=cfg.tokenize.max_length, template=cfg.tokenize.template,
                   truncation=cfg.tokenize.truncation, dtype=f.dtype, device=cfg.device)
     jobs = []
     for ck in ckpts:
         base = run / "features" / ck.name
-        if methods & {"rose", "less", "influence", "shapley"}:
+        if methods & set(GRADIENT_METHODS):
             jobs.append((f"featurize/{ck.name}/pool", FeaturizeConfig(
                 **common, checkpoint=str(ck), data=pool, data_kind="pool", data_format=cfg.pool_format,
                 limit=cfg.pool_limit, loss="sft", adam=True, output=str(shared / "features" / ck.name / "pool"))))
-        if methods & {"rose", "influence", "shapley"}:
+        if "pairwise" in needed:
             jobs.append((f"featurize/{ck.name}/val_pairwise", FeaturizeConfig(
                 **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="pairwise",
                 adam=False, beta=f.beta, ref=f.ref, output=str(base / "val_pairwise"))))
-        if "less" in methods:
-            jobs.append((f"featurize/{ck.name}/val_sft", FeaturizeConfig(
-                **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="sft_chosen",
-                adam=False, output=str(base / "val_sft"))))
+        for loss, store in (("sft_chosen", "val_sft"), ("sft_rejected", "val_sft_rejected")):
+            if loss in needed:
+                jobs.append((f"featurize/{ck.name}/{store}", FeaturizeConfig(
+                    **common, checkpoint=str(ck), data=validation, data_kind="preference", loss=loss,
+                    adam=False, output=str(base / store))))
     return jobs
 
 
@@ -209,8 +218,14 @@ def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: s
 
     s = cfg.select
     feats = run / "features"
+    from rose_select.select.stage import GRADIENT_METHODS, VARIANTS
+
     val_kind = "val_sft" if method == "less" else "val_pairwise"
-    grad = method in ("rose", "less", "influence", "shapley")
+    grad = method in GRADIENT_METHODS
+    rose_family = method == "rose" or method in VARIANTS
+    options = dict(direction=s.direction, chosen_weight=s.chosen_weight) if method == "rose" else {}
+    if method in ("rose", "less", *VARIANTS):
+        options.update(standardize=s.standardize, balanced=s.balanced)
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
         log = read_json(shared / "warmup" / "lr_log.json")
@@ -220,11 +235,14 @@ def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: s
         num_subtasks=cfg.num_subtasks,
         pool_features=[str(shared / "features" / c.name / "pool") for c in ckpts] if grad else [],
         val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
+        val_chosen_features=[str(feats / c.name / "val_sft") for c in ckpts] if rose_family else [],
+        val_rejected_features=[str(feats / c.name / "val_sft_rejected") for c in ckpts] if rose_family else [],
         warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights,
         reduce=s.reduce, fraction=s.fraction, seed=cfg.seed, model=cfg.model,
         adapter=str(ckpts[-1]) if method == "rds" else None, rds_pooling=s.rds_pooling,
         max_length=cfg.tokenize.max_length, batch_size=cfg.featurize.batch_size, damping=s.damping,
-        knn_k=s.knn_k, device="cpu" if cfg.device == "auto" else cfg.device, output=str(run / "select" / method))
+        knn_k=s.knn_k, device="cpu" if cfg.device == "auto" else cfg.device, output=str(run / "select" / method),
+        **options)
 
 
 def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides):

@@ -107,26 +107,15 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given their average rank (as scipy.stats.rankdata)."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``positive`` rows vs the rest (Mann-Whitney; ties count 1/2)."""
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    from rose_select.plots import _ranks
+
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    ranks = rankdata(scores)
+    ranks = _ranks(scores) + 1
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -172,10 +161,9 @@ def length_scores(truth: Sequence[PlantedRow]) -> np.ndarray:
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    rx, ry = rankdata(np.asarray(x, np.float64)), rankdata(np.asarray(y, np.float64))
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
+    from rose_select.plots import _corr, _ranks
+
+    return _corr(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
 
 
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: 1.96 is close enough
@@ -254,7 +242,7 @@ def build_pool(cfg, seed: int, out_dir):
 
 
 def _selected_indices(sel_dir, ids: list[str]) -> np.ndarray:
-    from rose_select.selection import read_selection
+    from rose_select.select.topk import read_selection
 
     where = {rid: i for i, rid in enumerate(ids)}
     return np.array([where[i] for i in read_selection(sel_dir)], dtype=np.int64)
@@ -267,7 +255,7 @@ def _select_once(scfg) -> None:
 
     from rose_select.config import to_dict
     from rose_select.io import write_json
-    from rose_select.selectors import run_select
+    from rose_select.select.stage import run_select
 
     out = Path(scfg.output)
     want = json.loads(json.dumps(to_dict(scfg)))
@@ -278,13 +266,26 @@ def _select_once(scfg) -> None:
     write_json(stamp, want)
 
 
+def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
+    """(row label, method, select options): every method as configured, and the ROSE methods
+    also with per-subtask standardisation (``+std``) and subtask-balanced selection (``+balanced``)."""
+    from rose_select.select.stage import VARIANTS
+
+    rows = []
+    for m in methods:
+        rows.append((m, m, {}))
+        if m == "rose" or m in VARIANTS:
+            rows += [(f"{m}+std", m, {"standardize": True}), (f"{m}+balanced", m, {"balanced": True})]
+    return rows
+
+
 def seed_rows(cfg, out_dir, seed: int) -> list[dict]:
     """One seed: planted pool, warm-up, features, every method's selection and its figures."""
     from dataclasses import replace
     from pathlib import Path
 
     from rose_select.experiments import target_name
-    from rose_select.featurize import run_featurize
+    from rose_select.features.stage import run_featurize
     from rose_select.pipeline import _checkpoints, _featurize_jobs, _select_config, _stage_configs, resolve_input
     from rose_select.training import run_warmup
 
@@ -304,17 +305,18 @@ def seed_rows(cfg, out_dir, seed: int) -> list[dict]:
         run = out_dir / name
         for _, fcfg in _featurize_jobs(base, run, out_dir, str(pool), validation, ckpts):
             run_featurize(fcfg)
-        for method in methods:
-            scfg = replace(_select_config(base, run, out_dir, method, str(pool), validation, ckpts), plots=False)
+        for label, method, options in method_rows(methods):
+            scfg = _select_config(base, run, out_dir, method, str(pool), validation, ckpts)
+            scfg = replace(scfg, plots=False, output=str(run / "select" / label), **options)
             _select_once(scfg)
             scores = np.load(Path(scfg.output) / "scores.npy", allow_pickle=False)
             sel = _selected_indices(scfg.output, ids)
-            rows.append({"seed": seed, "target": name, "method": method,
+            rows.append({"seed": seed, "target": name, "method": label,
                          **selection_metrics(scores, sel, truth, name),
                          "length_spearman": spearman(scores, length_scores(truth))})
         k = len(sel)
         lengths = length_scores(truth)
-        from rose_select.selection import select_top
+        from rose_select.select.topk import select_top
 
         rows.append({"seed": seed, "target": name, "method": LENGTH_RULE,
                      **selection_metrics(lengths, select_top(lengths, count=k), truth, name),

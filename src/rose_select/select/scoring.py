@@ -110,6 +110,49 @@ def group_means(x: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarr
     return (sums / counts[:, None]).T
 
 
+DIRECTIONS = ("pairwise", "pairwise_ln")
+
+
+def validation_directions(direction: str, *, pairwise: np.ndarray | None = None, chosen: np.ndarray | None = None,
+                          rejected: np.ndarray | None = None, chosen_weight: float = 0.0) -> np.ndarray:
+    """One checkpoint's validation vectors ``[M, d]`` for a ROSE variant, from feature arrays of
+    the same M triples (loss-gradient orientation, any positive scale per row):
+
+    - ``pairwise``: the DPO-loss gradient (``rose``; summed log-probabilities), unit length;
+    - ``pairwise_ln``: ``sft_chosen - sft_rejected``, the gradient of the *length-normalised*
+      difference ``-log pi(y_w|x)/|y_w| + log pi(y_l|x)/|y_l|``, unit length;
+
+    plus ``chosen_weight`` times the unit chosen-answer SFT gradient (LESS's direction), which keeps
+    the target's domain that a difference of two in-domain gradients cancels. Rows are re-normalised
+    by the scorer; a zero row stays zero."""
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if chosen_weight < 0:
+        raise ConfigError(f"chosen_weight must be >= 0, got {chosen_weight}")
+    need = {"pairwise": ["pairwise"], "pairwise_ln": ["chosen", "rejected"]}[direction]
+    need += ["chosen"] if chosen_weight > 0 else []
+    given = {"pairwise": pairwise, "chosen": chosen, "rejected": rejected}
+    missing = [k for k in dict.fromkeys(need) if given[k] is None]
+    if missing:
+        raise ConfigError(f"direction {direction!r} with chosen_weight {chosen_weight} needs the {missing} "
+                          "validation feature stores")
+    if direction == "pairwise":
+        out, _ = normalize_rows(pairwise)
+    else:
+        out, _ = normalize_rows(np.asarray(chosen, np.float64) - np.asarray(rejected, np.float64))
+    if chosen_weight > 0:
+        out = out + chosen_weight * normalize_rows(chosen)[0]
+    return out
+
+
+def standardize_groups(per_group: np.ndarray) -> np.ndarray:
+    """Each subtask's column as z-scores over the pool (mean 0, std 1; a constant column -> 0), so
+    no subtask wins the max over subtasks by the scale of its typical cosine alone."""
+    per_group = np.asarray(per_group, np.float64)
+    std = per_group.std(axis=0)
+    return (per_group - per_group.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
 def reduce_groups(per_group: np.ndarray, reduce: str) -> np.ndarray:
     if reduce == "max":
         return per_group.max(axis=1)
