@@ -13,8 +13,8 @@ from rose_select.errors import ConfigError
 from rose_select.quality import (PlantedRow, auc, length_scores, mean_interval, paired_wins, plant_pool,
                                  selection_metrics, spearman, wilson_interval)
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
-from rose_select.scoring import standardize_groups, validation_directions
-from rose_select.selection import select_balanced, select_top
+from rose_select.select.scoring import standardize_groups, validation_directions
+from rose_select.select.topk import select_balanced, select_top
 
 
 def _truth():
@@ -119,9 +119,9 @@ def test_pairwise_store_is_the_summed_difference_of_the_sft_stores(tiny_model_di
     """What the variants rely on: the DPO gradient of a triple points along
     n_w * grad(mean NLL of y_w) - n_l * grad(mean NLL of y_l) (summed log-probs), and the
     length-normalised direction is sft_chosen - sft_rejected."""
-    from rose_select.featurize import FeaturizeConfig, run_featurize
+    from rose_select.features.stage import FeaturizeConfig, run_featurize
     from rose_select.modeling import load_tokenizer
-    from rose_select.store import open_features
+    from rose_select.features.store import open_features
     from rose_select.testing import write_lora_checkpoint
     from rose_select.tokenization import TokenizeConfig, encode_triple
     from rose_select.data import load_preferences

@@ -52,12 +52,12 @@ def answer_chars(record: InstructionRecord) -> int:
 def take_per_subtask(triples: Sequence[PreferenceTriple], k: int, rng: np.random.Generator) -> list[PreferenceTriple]:
     """A seeded sample of ``k`` triples of each subtask (all of a smaller subtask), one per prompt,
     in file order."""
-    from rose_select.data import _prompt_key
+    from rose_select.data.heldout import prompt_key
 
     by_subtask: dict[str, list[int]] = {}
     seen = set()
     for i, t in enumerate(triples):
-        key = _prompt_key(t)
+        key = prompt_key(t)
         if key not in seen:
             seen.add(key)
             by_subtask.setdefault(t.subtask, []).append(i)
