@@ -38,7 +38,7 @@ DEFAULT_TARGETS = [f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_pre
                    f"{BUILTIN}rose_data/validation/hh/hh_1_shot/hh_1_shot_preference.json"]
 DEFAULT_METHODS = {"table1": None, "subtasks": None, "figure3": None, "table2": ["rose", "less", "random"],
                    "table3": ["rose"], "figure4": ["rose", "less", "random"], "table9": ["rose", "random"],
-                   "quality": ["rose", "rose_plus", "less", "random", "bm25", "rds", "dsir", "influence", "shapley"]}
+                   "quality": ["rose", "rose_plus", "rose_ln", "less", "random", "bm25", "rds", "dsir", "influence", "shapley"]}
 METRICS = ("rewards/accuracies", "rewards/margins", "logps/accuracy")
 
 
