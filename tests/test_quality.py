@@ -96,6 +96,23 @@ def test_validation_directions_match_their_definitions():
         validation_directions("diff")
 
 
+def test_centered_scores_against_brute_force():
+    from rose_select.select.scoring import rose_scores
+
+    rng = np.random.default_rng(2)
+    common = rng.normal(size=16) * 3
+    train = [rng.normal(size=(40, 16)) + common, rng.normal(size=(40, 16)) + common]
+    val = [rng.normal(size=(6, 16)), rng.normal(size=(6, 16))]
+    groups = ["a", "a", "b", "b", "b", "c"]
+    got = rose_scores(train, val, [0.25, 0.75], groups, center=True, dtype=np.float64, chunk_rows=7, progress=False)
+    brute = np.zeros((40, 3))
+    for w, t, v in zip([0.25, 0.75], train, val):
+        cos = _unit(t - t.mean(axis=0)) @ _unit(v).T
+        brute += w * np.stack([cos[:, [g == s for g in groups]].mean(axis=1) for s in "abc"], axis=1)
+    np.testing.assert_allclose(got.per_group, brute, atol=1e-12)
+    np.testing.assert_allclose(got.scores, brute.max(axis=1), atol=1e-12)
+
+
 def test_standardize_and_balanced_selection_against_references():
     rng = np.random.default_rng(1)
     pg = rng.normal(size=(30, 3)) * np.array([1.0, 5.0, 0.1]) + np.array([0.0, 2.0, -1.0])

@@ -57,6 +57,7 @@ class SelectSection:
     reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
     direction: str = field(default="pairwise", metadata={"help": "rose: pairwise (the paper) | pairwise_ln (length-normalised)"})
     chosen_weight: float = field(default=0.0, metadata={"help": "rose: weight of the chosen-answer (LESS) direction added"})
+    center: bool = field(default=False, metadata={"help": "rose/less/variants: subtract the pool's mean feature before the cosine"})
     standardize: bool = field(default=False, metadata={"help": "rose/less/variants: z-score each subtask's scores before the max"})
     balanced: bool = field(default=False, metadata={"help": "rose/less/variants: round robin over subtasks instead of global top-k"})
     rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last"})
@@ -226,6 +227,8 @@ def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: s
     options = dict(direction=s.direction, chosen_weight=s.chosen_weight) if method == "rose" else {}
     if method in ("rose", "less", *VARIANTS):
         options.update(standardize=s.standardize, balanced=s.balanced)
+        if method not in VARIANTS:  # a preset fixes its own centring
+            options.update(center=s.center)
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
         log = read_json(shared / "warmup" / "lr_log.json")

@@ -39,6 +39,7 @@ class SelectConfig:
     chosen_weight: float = field(default=0.0, metadata={"help": "rose: add this times the unit chosen-answer SFT (LESS) direction to the pairwise one (needs val_chosen_features)"})
     val_chosen_features: list[str] = field(default_factory=list, metadata={"help": "sft_chosen validation stores, one per checkpoint (rose variants)"})
     val_rejected_features: list[str] = field(default_factory=list, metadata={"help": "sft_rejected validation stores, one per checkpoint (direction pairwise_ln)"})
+    center: bool = field(default=False, metadata={"help": "subtract the pool's mean feature (the warm-up momentum every Adam feature shares) before the cosine (gradient methods)"})
     standardize: bool = field(default=False, metadata={"help": "z-score each subtask's scores over the pool before the max (gradient methods)"})
     balanced: bool = field(default=False, metadata={"help": "subtask-balanced selection: round robin over subtasks instead of the global top-k (gradient methods)"})
     reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
@@ -69,8 +70,8 @@ class SelectConfig:
             raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if (self.direction != "pairwise" or self.chosen_weight) and self.method != "rose" and self.method not in VARIANTS:
             raise ConfigError(f"direction/chosen_weight are options of rose, not of {self.method!r}")
-        if (self.standardize or self.balanced) and self.method not in ("rose", "less", *VARIANTS):
-            raise ConfigError(f"standardize/balanced need per-subtask scores (rose, less, {', '.join(VARIANTS)}), "
+        if (self.standardize or self.balanced or self.center) and self.method not in ("rose", "less", *VARIANTS):
+            raise ConfigError(f"center/standardize/balanced need per-subtask scores (rose, less, {', '.join(VARIANTS)}), "
                               f"not {self.method!r}")
         if self.balanced and self.quotas:
             raise ConfigError("balanced selection and per-source quotas cannot be combined")
@@ -176,7 +177,7 @@ def _variant_result(cfg, w):
             for i in range(n)]
     train = [load_store_features(p) for p in cfg.pool_features]
     result = rose_scores([t.features for t in train], vals, w, first.groups, reduce=cfg.reduce,
-                         train_ids=train[0].ids, val_ids=first.ids)
+                         train_ids=train[0].ids, val_ids=first.ids, center=cfg.center)
     return result, train[0].ids
 
 
@@ -193,7 +194,7 @@ def _scores_gradient(cfg, pool, triples):
     if _is_variant(cfg):
         result, ids = _variant_result(cfg, w)
     else:
-        result, ids = score_stores(cfg.pool_features, cfg.val_features, w, reduce=cfg.reduce)
+        result, ids = score_stores(cfg.pool_features, cfg.val_features, w, reduce=cfg.reduce, center=cfg.center)
     if ids != [r.id for r in pool]:
         raise ConfigError(f"pool store rows do not match the pool file {cfg.pool} (featurize it again)")
     per_group, scores = result.per_group, result.scores
@@ -201,7 +202,7 @@ def _scores_gradient(cfg, pool, triples):
         per_group = standardize_groups(per_group)
         scores = reduce_groups(per_group, cfg.reduce)
     extra = {"checkpoint_weights": w.tolist(), "direction": cfg.direction, "chosen_weight": cfg.chosen_weight,
-             "standardize": cfg.standardize, "balanced": cfg.balanced}
+             "center": cfg.center, "standardize": cfg.standardize, "balanced": cfg.balanced}
     return scores, per_group, result.group_names, extra
 
 
