@@ -279,8 +279,9 @@ def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def seed_rows(cfg, out_dir, seed: int) -> list[dict]:
-    """One seed: planted pool, warm-up, features, every method's selection and its figures."""
+def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
+    """One seed: planted pool, warm-up, features, every method's selection and its figures; and
+    per target the ``direction_geometry`` of the last checkpoint (None without the stores)."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -299,7 +300,7 @@ def seed_rows(cfg, out_dir, seed: int) -> list[dict]:
     run_warmup(warm_cfg)
     ckpts = _checkpoints(base, out_dir / "warmup")
     ids = [r.id for r in truth]
-    rows = []
+    rows, geometry = [], {}
     for target in cfg.targets:
         name, validation = target_name(target), resolve_input(target)
         run = out_dir / name
@@ -314,6 +315,7 @@ def seed_rows(cfg, out_dir, seed: int) -> list[dict]:
             rows.append({"seed": seed, "target": name, "method": label,
                          **selection_metrics(scores, sel, truth, name),
                          "length_spearman": spearman(scores, length_scores(truth))})
+        geometry[name] = _geometry(out_dir, run, ckpts[-1].name, truth, name)
         k = len(sel)
         lengths = length_scores(truth)
         from rose_select.select.topk import select_top
@@ -321,7 +323,20 @@ def seed_rows(cfg, out_dir, seed: int) -> list[dict]:
         rows.append({"seed": seed, "target": name, "method": LENGTH_RULE,
                      **selection_metrics(lengths, select_top(lengths, count=k), truth, name),
                      "length_spearman": 1.0})
-    return rows
+    return rows, geometry
+
+
+def _geometry(seed_dir, run, ckpt: str, truth, domain: str) -> dict | None:
+    """``direction_geometry`` on one checkpoint's stores, when the pairwise and chosen stores exist."""
+    from rose_select.select.scoring import load_store_features
+
+    val = run / "features" / ckpt
+    if not (val / "val_pairwise" / "meta.json").exists() or not (val / "val_sft" / "meta.json").exists():
+        return None
+    feats = lambda p: np.asarray(load_store_features(p).features, np.float64)
+    rejected = feats(val / "val_sft_rejected") if (val / "val_sft_rejected" / "meta.json").exists() else None
+    return direction_geometry(feats(seed_dir / "features" / ckpt / "pool"), truth, domain,
+                              pairwise=feats(val / "val_pairwise"), chosen=feats(val / "val_sft"), rejected=rejected)
 
 
 AGGREGATED = ("domain_precision", "precision_over_base", "preferred_share", "paired_accuracy", "auc",
@@ -373,7 +388,10 @@ def quality(cfg, out) -> dict:
     """``rose experiment quality``: the planted-pool benchmark for every method and target."""
     from rose_select import plots
 
-    rows = [r for seed in range(cfg.seeds) for r in seed_rows(cfg, out, seed)]
+    rows, geometry = [], {}
+    for seed in range(cfg.seeds):
+        seed_result, geometry[seed] = seed_rows(cfg, out, seed)
+        rows += seed_result
     agg = aggregate(rows)
     targets = list(dict.fromkeys(a["target"] for a in agg))
     for key, title in (("precision_over_base", "domain precision@k / base rate"),
@@ -383,5 +401,62 @@ def quality(cfg, out) -> dict:
     k = {a["target"]: a["k"] for a in agg}
     md = (f"Planted-pool benchmark, {cfg.seeds} seed(s); k = {sorted(set(k.values()))} selected rows; "
           "mean [95% interval over seeds] where there are several seeds; the pairs column pools every "
-          "planted prompt of every seed (Wilson interval).\n\n" + markdown_table(agg))
-    return {"rows": rows, "aggregate": agg, "markdown": md}
+          "planted prompt of every seed (Wilson interval).\n\n" + markdown_table(agg)
+          + geometry_markdown(geometry))
+    return {"rows": rows, "aggregate": agg, "geometry": geometry, "markdown": md}
+
+
+def geometry_markdown(geometry: dict) -> str:
+    """The geometry figures per target (mean over seeds), as a markdown table."""
+    per_target: dict[str, list[dict]] = {}
+    for by_target in geometry.values():
+        for target, g in by_target.items():
+            if g:
+                per_target.setdefault(target, []).append(g)
+    if not per_target:
+        return ""
+    keys = list(dict.fromkeys(k for gs in per_target.values() for g in gs for k in g))
+    lines = ["| target | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for target, gs in per_target.items():
+        lines.append(f"| {target} | " + " | ".join(
+            f"{np.mean([g[k] for g in gs if k in g]):+.3f}" if any(k in g for g in gs) else "-" for k in keys) + " |")
+    return ("\n\nGeometry of the last checkpoint's features (mean over seeds; see quality.direction_geometry):"
+            "\n\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------- why: the geometry
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def direction_geometry(pool: np.ndarray, truth: Sequence[PlantedRow], domain: str, *, pairwise: np.ndarray,
+                       chosen: np.ndarray, rejected: np.ndarray | None = None) -> dict:
+    """What each validation direction keeps of the target domain, measured on one checkpoint's
+    features: ``pool`` ``[N, d]`` (Adam SFT), and per validation triple the ``pairwise`` (DPO),
+    ``chosen`` and ``rejected`` (mean-token SFT) gradients.
+
+    - ``pool_common``: mean cosine of a pool row with the pool's mean direction (a shared term);
+    - ``cos_chosen_rejected``: mean cosine of a triple's chosen and rejected gradients;
+    - per direction, the cosine of its mean unit vector with the centroid of the target's planted
+      rows minus that with the centroid of the other rows (pool features centred first): how far
+      the direction points at the target domain rather than elsewhere."""
+    pool = np.asarray(pool, np.float64)
+    unit_pool = _unit_rows(pool)
+    common = float((unit_pool @ _unit_rows(unit_pool.mean(0, keepdims=True))[0]).mean())
+    centred = _unit_rows(pool - pool.mean(0))
+    in_domain = np.array([r.domain == domain for r in truth])
+    target_c = _unit_rows(centred[in_domain].mean(0, keepdims=True))[0]
+    other_c = _unit_rows(centred[~in_domain].mean(0, keepdims=True))[0]
+    dirs = {"rose (pairwise, summed log-probs)": pairwise, "less (chosen answer)": chosen}
+    out = {"pool_common": common}
+    if rejected is not None:
+        c, r = _unit_rows(np.asarray(chosen, np.float64)), _unit_rows(np.asarray(rejected, np.float64))
+        out["cos_chosen_rejected"] = float(np.einsum("ij,ij->i", c, r).mean())
+        dirs["length-normalised pairwise"] = np.asarray(chosen, np.float64) - np.asarray(rejected, np.float64)
+        dirs["rejected answer"] = rejected
+    for name, v in dirs.items():
+        mean_dir = _unit_rows(_unit_rows(np.asarray(v, np.float64)).mean(0, keepdims=True))[0]
+        out[f"domain signal: {name}"] = float(mean_dir @ target_c - mean_dir @ other_c)
+    return out
