@@ -21,7 +21,8 @@ from rose_select.io import read_json, sha256_file, sha256_json, write_json, writ
 from rose_select.evaluation import EvalConfig, EvalSettings
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig
 from rose_select.modeling import LoraSettings, ModelSettings
-from rose_select.select.stage import GRADIENT_METHODS, METHODS, SelectConfig, SelectSettings
+from rose_select.select.stage import (GRADIENT_METHODS, METHODS, VARIANTS, SelectConfig, SelectSettings, method_settings,
+                                      stores_needed)
 from rose_select.tokenization import TokenizeConfig
 from rose_select.training import Schedule, TrainConfig, WarmupConfig
 
@@ -148,24 +149,27 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
     settings = section_fields(cfg.featurize, FeatureSettings)
     if settings["ref"] == "auto" and "influence" in methods:  # influence needs DPO's scale
         settings["ref"] = "base"
-    pairwise, less = bool(methods & {"rose", "influence", "shapley"}), "less" in methods
+    needed = set().union(*[stores_needed(m, **{k: v for k, v in method_settings(cfg.select, m).items()
+                                                 if k in ("direction", "chosen_weight")}) for m in methods])
     common = dict(**_model(cfg), **settings, lora=cfg.lora, tokenize=cfg.tokenize)
     jobs = []
     for ck in ckpts:
         base = run / "features" / ck.name
         kinds = []
-        if methods & {"rose", "less", "influence", "shapley"}:
+        if methods & set(GRADIENT_METHODS):
             kinds.append(("pool", dict(data=pool, data_kind="pool", data_format=cfg.pool_format,
                                        limit=cfg.pool_limit, loss="sft", adam=True),
                           shared / "features" / ck.name / "pool"))
-        if pairwise:  # with less: one pass writes both validation stores (features/joint.py)
-            kinds.append(("val_pairwise" + ("+val_sft" if less else ""),
+        joint = "pairwise" in needed and "sft_chosen" in needed
+        if "pairwise" in needed:  # with the chosen-answer store: one pass writes both (features/joint.py)
+            kinds.append(("val_pairwise" + ("+val_sft" if joint else ""),
                           dict(data=validation, data_kind="preference", loss="pairwise", adam=False,
-                               chosen_output=str(base / "val_sft") if less else None),
+                               chosen_output=str(base / "val_sft") if joint else None),
                           base / "val_pairwise"))
-        elif less:
-            kinds.append(("val_sft", dict(data=validation, data_kind="preference", loss="sft_chosen", adam=False),
-                          base / "val_sft"))
+        for loss, store in (("sft_chosen", "val_sft"), ("sft_rejected", "val_sft_rejected")):
+            if loss in needed and not (joint and loss == "sft_chosen"):
+                kinds.append((store, dict(data=validation, data_kind="preference", loss=loss, adam=False),
+                              base / store))
         jobs += [(f"featurize/{ck.name}/{kind}", FeaturizeConfig(**common, **io, checkpoint=str(ck), output=str(out)))
                  for kind, io, out in kinds]
     return jobs
@@ -186,18 +190,22 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
 def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
                   ckpts: list[Path]) -> SelectConfig:
     """The select stage's config for one method of a run."""
+    feats = run / "features"
     val_kind = "val_sft" if method == "less" else "val_pairwise"
     grad = method in GRADIENT_METHODS
+    rose_family = method == "rose" or method in VARIANTS
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
         lrs = {str(path): lr for _, path, lr in read_warmup_checkpoints(shared / "warmup")}
         weights = [lrs[str(c)] for c in ckpts]
     return compose(
-        SelectConfig, _model(cfg), section_fields(cfg.select, SelectSettings),
+        SelectConfig, _model(cfg), method_settings(cfg.select, method),
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
         num_subtasks=cfg.num_subtasks,
         pool_features=[str(shared / "features" / c.name / "pool") for c in ckpts] if grad else [],
-        val_features=[str(run / "features" / c.name / val_kind) for c in ckpts] if grad else [],
+        val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
+        val_chosen_features=[str(feats / c.name / "val_sft") for c in ckpts] if rose_family else [],
+        val_rejected_features=[str(feats / c.name / "val_sft_rejected") for c in ckpts] if rose_family else [],
         warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights, seed=cfg.seed,
         adapter=str(ckpts[-1]) if method == "rds" else None, tokenize=cfg.tokenize,
         batch_size=cfg.featurize.batch_size, output=str(run / "select" / method))

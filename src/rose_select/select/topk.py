@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -110,6 +111,47 @@ def select_top(scores: np.ndarray, *, fraction: float | None = 0.05, count: int 
     return order[chosen[order]]
 
 
+def select_balanced(per_group: np.ndarray, count: int) -> np.ndarray:
+    """Subtask-balanced selection: round robin over the subtasks (columns, in order), each taking
+    its best row (``per_group[:, s]`` descending, ties by index) not yet taken, until ``count`` rows
+    are chosen. Returns pool indices in the order they were taken."""
+    per_group = np.asarray(per_group, np.float64)
+    n, n_groups = per_group.shape
+    if not 1 <= count <= n:
+        raise ConfigError(f"count must be in [1, {n}], got {count}")
+    orders = [rank_order(per_group[:, s]) for s in range(n_groups)]
+    taken = np.zeros(n, dtype=bool)
+    pointers = [0] * n_groups
+    out = []
+    while len(out) < count:
+        for s in range(n_groups):
+            order = orders[s]
+            while taken[order[pointers[s]]]:
+                pointers[s] += 1
+            out.append(int(order[pointers[s]]))
+            taken[out[-1]] = True
+            if len(out) == count:
+                break
+    return np.array(out, dtype=np.int64)
+
+
+def response_chars(record: InstructionRecord) -> int:
+    """Characters of a record's assistant turns (the length a length diagnostic ranks by)."""
+    return sum(len(m.content) for m in record.messages if m.role == "assistant")
+
+
+# Above this |Spearman| between scores and response length a selection summary warns.
+LENGTH_WARN = 0.5
+
+
+def length_spearman(scores: np.ndarray, lengths: Sequence[int]) -> float | None:
+    """Spearman rank correlation of scores and response lengths (None if either is constant)."""
+    from rose_select.plots import _corr, _ranks
+
+    rho = _corr(_ranks(np.asarray(scores, np.float64)), _ranks(np.asarray(lengths, np.float64)))
+    return None if math.isnan(rho) else rho
+
+
 # ---------------------------------------------------------------------------- writing
 
 def _finite_or_none(x: float) -> float | None:
@@ -153,6 +195,11 @@ def summary_table(summary: dict) -> str:
     for src, share in pool.items():
         sel = summary["share_per_source"].get(src, 0.0)
         lines.append(f"  {src:<{width}}  {100 * share:6.1f}%  {100 * sel:7.1f}%")
+    rho = summary.get("length_spearman")
+    if rho is not None:
+        lines.append(f"  Spearman(score, response length) = {rho:+.2f}"
+                     + (f"  WARNING: |rho| >= {LENGTH_WARN}: the scores largely rank by answer length"
+                        if abs(rho) >= LENGTH_WARN else ""))
     if summary.get("share_per_subtask"):
         sub = summary["share_per_subtask"]
         width = max([len("best subtask")] + [len(s) for s in sub])
@@ -206,9 +253,14 @@ def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[Instructi
         "pool_share_per_source": _shares([r.source for r in pool_records]),
         "share_per_source": _shares([pool_records[i].source for i in selected_idx.tolist()]),
         "share_per_subtask": None if best is None else _shares([best[i] for i in selected_idx.tolist()]),
+        "length_spearman": length_spearman(scores, [response_chars(r) for r in pool_records]),
         **dict(extra or {}),
     }
     write_json(out_dir / "summary.json", summary)
+    rho = summary["length_spearman"]
+    if rho is not None and abs(rho) >= LENGTH_WARN:
+        warnings.warn(f"{method}: Spearman(score, response length) = {rho:+.2f}; the selection largely "
+                      "ranks by answer length", RuntimeWarning, stacklevel=2)
     if plots:
         from rose_select import plots as P
 
