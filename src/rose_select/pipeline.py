@@ -15,16 +15,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rose_select.checkpoints import read_warmup_checkpoints
-from rose_select.config import compose, section_fields, to_dict
+from rose_select.config import compose, save_yaml, section_fields, to_dict
 from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
-from rose_select.evaluation import EvalConfig, EvalSettings
-from rose_select.features.stage import FeatureSettings, FeaturizeConfig
+from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
+from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
 from rose_select.modeling import LoraSettings, ModelSettings
 from rose_select.select.stage import (GRADIENT_METHODS, METHODS, VARIANTS, SelectConfig, SelectSettings, method_settings,
-                                      stores_needed)
+                                      run_select, stores_needed)
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import Schedule, TrainConfig, WarmupConfig
+from rose_select.training import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
 BUILTIN = "builtin:"
 
@@ -243,62 +243,99 @@ def heldout_triples(cfg: RunConfig, validation: str):
     return source, triples
 
 
-def run_pipeline(cfg: RunConfig) -> Path:
-    """The whole pipeline; returns the run directory (with report.md)."""
-    from rose_select.config import save_yaml
-    from rose_select.evaluation import run_evaluate
-    from rose_select.features.stage import run_featurize
-    from rose_select.select.stage import run_select
-    from rose_select.training import run_train, run_warmup
+@dataclass
+class _Run:
+    """What every phase of a run shares: its config, inputs, fingerprints and ledgers."""
 
-    run = Path(cfg.output_dir)
+    cfg: RunConfig
+    dir: Path
+    pool: str
+    validation: str
+    data_fp: dict
+    ledger: StageLedger
+    warm: WarmupConfig = None
+    train: TrainConfig = None
+    fp_warm: str = ""
+    shared: Path = None  # target-independent stages: the run dir, or shared by runs with the same warm-up
+    shared_ledger: StageLedger = None
+
+
+def _start(cfg: RunConfig) -> _Run:
+    """Check the inputs before anything is written (no leftover config.yaml), then record the config."""
+    run_dir = Path(cfg.output_dir)
     pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
     for name, path in (("pool", pool), ("validation", validation)):
-        if not Path(path).is_file():  # before anything is written: no leftover config.yaml
+        if not Path(path).is_file():
             raise DataError("file not found", path=path, field=name)
-    run.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run / "config.yaml")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
-    ledger = StageLedger(run)
-    warm_cfg, train_cfg = training_configs(cfg, run, pool)
-    fp_warm = _fp(replace(warm_cfg, output=""), data_fp["pool"])
-    # target-independent stages: in the run dir, or shared by every run with the same warm-up
-    shared = Path(cfg.shared_dir) / f"warmup-{fp_warm}" if cfg.shared_dir else run
-    shared_ledger = StageLedger(shared) if cfg.shared_dir else ledger
-    warm_cfg = replace(warm_cfg, output=str(shared / "warmup"))
-    shared_ledger.run("warmup", fp_warm, [shared / "warmup"], lambda: str(run_warmup(warm_cfg)))
-    ckpts = _checkpoints(cfg, shared / "warmup")
-    for key, fcfg in featurize_jobs(cfg, run, shared, pool, validation, ckpts):
-        where = shared_ledger if key.endswith("/pool") else ledger
-        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
-        where.run(key, _fp(fcfg, fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
-    fp_feat = _fp(cfg.featurize, fp_warm)
-    for method in cfg.select.methods:
-        scfg = select_config(cfg, run, shared, method, pool, validation, ckpts)
-        ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
-    heldout_source, triples = heldout_triples(cfg, validation)
-    reference_cache = run / "eval" / "reference_logps.npz"
-    fp_eval = _fp(cfg.evaluate, data_fp, [t.id for t in triples])
-    base_eval = eval_config(cfg, output=run / "eval" / "base", reference_cache=reference_cache)
-    ledger.run("evaluate/base", _fp(base_eval, fp_eval), [run / "eval" / "base"],
-               lambda: str(run_evaluate(base_eval, triples=triples)))
-    for method in cfg.select.methods:
-        if method == "full":  # the whole pool: the same model whatever the target
-            tcfg = replace(train_cfg, full=True, output=str(shared / "train" / "full"))
-            fp_train = _fp(replace(tcfg, output=""), data_fp["pool"])
-            shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
-        else:
-            sel = run / "select" / method / "selected.jsonl"
-            tcfg = replace(train_cfg, full=False, selection=str(sel), output=str(run / "train" / method))
-            fp_train = _fp(tcfg, ledger.state[f"select/{method}"]["fingerprint"])
-            ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
-        ecfg = eval_config(cfg, output=run / "eval" / method, reference_cache=reference_cache,
-                           adapter=str(Path(tcfg.output) / "adapter"))
-        ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
-                   lambda c=ecfg: str(run_evaluate(c, triples=triples)))
-    table = write_report(cfg, run, heldout_source, len(triples), ledger)
-    print(table)
+    run = _Run(cfg, run_dir, pool, validation, data_fp, StageLedger(run_dir))
+    run.warm, run.train = training_configs(cfg, run_dir, pool)
+    run.fp_warm = _fp(replace(run.warm, output=""), data_fp["pool"])
+    run.shared = Path(cfg.shared_dir) / f"warmup-{run.fp_warm}" if cfg.shared_dir else run_dir
+    run.shared_ledger = StageLedger(run.shared) if cfg.shared_dir else run.ledger
+    run.warm = replace(run.warm, output=str(run.shared / "warmup"))
     return run
+
+
+def _warmup_and_features(run: _Run) -> list[Path]:
+    """Warm-up, then every feature store the methods need; returns the checkpoints scored."""
+    run.shared_ledger.run("warmup", run.fp_warm, [run.shared / "warmup"], lambda: str(run_warmup(run.warm)))
+    ckpts = _checkpoints(run.cfg, run.shared / "warmup")
+    for key, fcfg in featurize_jobs(run.cfg, run.dir, run.shared, run.pool, run.validation, ckpts):
+        where = run.shared_ledger if key.endswith("/pool") else run.ledger
+        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
+        where.run(key, _fp(fcfg, run.fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
+    return ckpts
+
+
+def _select_all(run: _Run, ckpts: list[Path]) -> None:
+    fp_feat = _fp(run.cfg.featurize, run.fp_warm)
+    for method in run.cfg.select.methods:
+        scfg = select_config(run.cfg, run.dir, run.shared, method, run.pool, run.validation, ckpts)
+        run.ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
+
+
+def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
+    """The final model of one method (the full pool's is shared by every target); its fingerprint."""
+    if method == "full":
+        tcfg = replace(run.train, full=True, output=str(run.shared / "train" / "full"))
+        fp_train = _fp(replace(tcfg, output=""), run.data_fp["pool"])
+        run.shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+    else:
+        sel = run.dir / "select" / method / "selected.jsonl"
+        tcfg = replace(run.train, full=False, selection=str(sel), output=str(run.dir / "train" / method))
+        fp_train = _fp(tcfg, run.ledger.state[f"select/{method}"]["fingerprint"])
+        run.ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+    return tcfg, fp_train
+
+
+def _train_and_evaluate(run: _Run, triples) -> None:
+    """The base model, then each method's final model, on the same held-out pairs."""
+    reference_cache = run.dir / "eval" / "reference_logps.npz"
+    fp_eval = _fp(run.cfg.evaluate, run.data_fp, [t.id for t in triples])
+    base = eval_config(run.cfg, output=run.dir / "eval" / "base", reference_cache=reference_cache)
+    run.ledger.run("evaluate/base", _fp(base, fp_eval), [Path(base.output)],
+                   lambda: str(run_evaluate(base, triples=triples)))
+    for method in run.cfg.select.methods:
+        tcfg, fp_train = _train_method(run, method)
+        ecfg = eval_config(run.cfg, output=run.dir / "eval" / method, reference_cache=reference_cache,
+                           adapter=str(Path(tcfg.output) / "adapter"))
+        run.ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
+                       lambda c=ecfg: str(run_evaluate(c, triples=triples)))
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    """The whole pipeline; returns the run directory (with report.md)."""
+    run = _start(cfg)
+    ckpts = _warmup_and_features(run)
+    _select_all(run, ckpts)
+    heldout_source, triples = heldout_triples(cfg, run.validation)
+    _train_and_evaluate(run, triples)
+    table = write_report(cfg, run.dir, heldout_source, len(triples), run.ledger)
+    print(table)
+    return run.dir
 
 
 # ------------------------------------------------------------------------------------- report
