@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from rose_select.errors import ConfigError
-from rose_select.pipeline import BUILTIN, RunConfig, eval_config, markdown
+from rose_select.data.builtin import BUILTIN
+from rose_select.pipeline import RunConfig, eval_config
+from rose_select.tables import markdown
 
 EXPERIMENTS = ("table1", "subtasks", "figure3", "table2", "table3", "figure4", "table9", "quality")
 DEFAULT_TARGETS = [f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json",

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from rose_select.checkpoints import read_warmup_checkpoints
 from rose_select.config import compose, save_yaml, section_fields, to_dict
+from rose_select.data.builtin import BUILTIN, resolve_input
 from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
+from rose_select.tables import markdown
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
 from rose_select.modeling import LoraSettings, ModelSettings
@@ -26,7 +28,6 @@ from rose_select.select.stage import (GRADIENT_METHODS, METHODS, VARIANTS, Selec
 from rose_select.tokenization import TokenizeConfig
 from rose_select.training import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
-BUILTIN = "builtin:"
 
 
 @dataclass
@@ -78,18 +79,6 @@ class RunConfig(ModelSettings):
     select: SelectSection = field(default_factory=SelectSection)
     train: Schedule = field(default_factory=Schedule)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-
-
-def resolve_input(path: str) -> str:
-    """``builtin:REL`` -> the file shipped in ``rose_select/assets/REL``; anything else unchanged."""
-    if not path.startswith(BUILTIN):
-        return path
-    from importlib import resources
-
-    target = Path(str(resources.files("rose_select").joinpath("assets", path[len(BUILTIN):])))
-    if not target.exists():
-        raise ConfigError(f"no built-in file {path!r} (looked at {target})")
-    return str(target)
 
 
 # ------------------------------------------------------------------------------------- stage bookkeeping
@@ -350,14 +339,6 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
         n_sel = "-" if name == "base" else read_json(run / "select" / name / "summary.json")["n_selected"]
         rows.append({"method": name, "n_train": n_sel, **{k: m.get(k) for k in REPORT_METRICS}})
     return rows
-
-
-def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
-    """Rows of dicts as a markdown table (columns: ``cols`` or every key in order of appearance)."""
-    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
 
 
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:

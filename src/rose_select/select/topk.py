@@ -19,6 +19,7 @@ import numpy as np
 from rose_select.errors import ConfigError, DataError, NonFiniteError
 from rose_select.io import atomic_path, write_json, write_jsonl
 from rose_select.records import InstructionRecord
+from rose_select.tables import markdown
 
 
 def count_for_fraction(fraction: float, n: int) -> int:
@@ -333,11 +334,8 @@ def overlap_table(selections: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, 
     sets = [set(selections[k]) for k in names]
     mat = np.array([[jaccard(a, b) for b in sets] for a in sets], dtype=np.float64).reshape(
         len(names), len(names))
-    header = "| | " + " | ".join(names) + " |"
-    rule = "|---|" + "---:|" * len(names)
-    rows = [f"| {name} | " + " | ".join(f"{v:.3f}" for v in mat[i]) + " |"
-            for i, name in enumerate(names)]
-    return mat, "\n".join([header, rule, *rows])
+    rows = [{"": name, **{other: f"{v:.3f}" for other, v in zip(names, mat[i])}} for i, name in enumerate(names)]
+    return mat, markdown(rows, ["", *names], right=names)
 
 
 def read_best_subtasks(path: str | os.PathLike) -> dict[str, str] | None:
@@ -386,7 +384,5 @@ def shares_table(shares: Mapping[str, Mapping[str, float]], label: str = "subtas
     """Markdown table: one row per category, one column per selection (percent)."""
     names = list(shares)
     cats = list(dict.fromkeys(c for s in shares.values() for c in s))
-    lines = [f"| {label} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    lines += [f"| {c} | " + " | ".join(f"{100 * shares[n].get(c, 0.0):.1f}%" for n in names) + " |"
-              for c in cats]
-    return "\n".join(lines)
+    rows = [{label: c, **{n: f"{100 * shares[n].get(c, 0.0):.1f}%" for n in names}} for c in cats]
+    return markdown(rows, [label, *names], right=names)
