@@ -12,8 +12,8 @@ Directory layout:
 Crash safety: a store is built in a hidden sibling directory and renamed into place whole, so a
 directory with ``meta.json`` is always a complete, valid store. ``write`` flushes features before
 marking rows done, so a crash can lose work but never marks a row done without its features.
-Several processes on one host may write disjoint rows at once (the memmaps are shared): one
-process (rank 0) calls ``FeatureStore.open`` and ``finalize``; the others ``FeatureStore.attach``.
+One process writes a store: in a multi-process run, rank 0 receives every rank's rows and writes
+them (``features/distributed.py``), so no shared filesystem is needed across nodes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -218,20 +217,6 @@ class FeatureStore:
         _check_rows(spec)
         if not (path / META).exists():
             _create(path, spec)
-        return cls._load(path, spec)
-
-    @classmethod
-    def attach(cls, path, *, timeout_s: float = 600.0, poll_s: float = 0.5, settings=None,
-               n_rows=None, dim=None, dtype=None, row_ids=None) -> "FeatureStore":
-        """Open a store another process is creating: wait up to ``timeout_s`` for it to appear,
-        then check whichever of the layout arguments are given."""
-        path, deadline = Path(path), time.monotonic() + timeout_s
-        while not (path / META).exists():
-            if time.monotonic() > deadline:
-                raise StoreNotReadyError(f"{path}: no feature store appeared within {timeout_s}s "
-                                         f"(the creating process calls FeatureStore.open)")
-            time.sleep(poll_s)
-        spec = _spec(n_rows=n_rows, dim=dim, dtype=dtype, settings=settings, row_ids=row_ids)
         return cls._load(path, spec)
 
     @classmethod
