@@ -15,7 +15,7 @@ from rose_select.evaluation import EvalConfig
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig
 from rose_select.modeling import ModelSettings
 from rose_select.pipeline import RunConfig, eval_config, featurize_jobs, select_config, training_configs
-from rose_select.select import stage as select_stage
+from rose_select.select import methods as select_methods
 from rose_select.select.stage import METHODS, SelectConfig, run_select
 from rose_select.tokenization import TokenizeConfig
 from rose_select.training import TrainConfig
@@ -61,13 +61,13 @@ def test_rds_embeds_with_the_runs_tokenisation(tmp_path, tiny_model_dir, monkeyp
     val.write_text(json.dumps({"q1": {"responses": ["good " * 50, "bad"], "pairs": [[0, 1]], "sft_target": "good " * 50,
                                           "rejected_target": "bad"}}))
     lengths = []
-    real = select_stage.representations
+    real = select_methods.representations
 
     def spy(model, tokenizer, encodings, **kw):
         lengths.extend(len(e["input_ids"]) for e in encodings)
         return real(model, tokenizer, encodings, **kw)
 
-    monkeypatch.setattr(select_stage, "representations", spy)
+    monkeypatch.setattr(select_methods, "representations", spy)
     cfg = SelectConfig(method="rds", model=str(tiny_model_dir), device="cpu", pool=str(pool), validation=str(val),
                        tokenize=TokenizeConfig(max_length=24), count=1, plots=False, output=str(tmp_path / "sel"))
     run_select(cfg)

@@ -12,7 +12,8 @@ from killing import hidden_leftovers, run_killed, snapshot
 from test_training import small_cfg
 
 from rose_select.errors import CheckpointError, ConfigError
-from rose_select.select.stage import SelectConfig, lr_weights
+from rose_select.select.methods import lr_weights
+from rose_select.select.stage import SelectConfig
 from rose_select.training import WarmupConfig, run_warmup
 
 

@@ -23,8 +23,8 @@ from rose_select.tables import markdown
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
 from rose_select.modeling import LoraSettings, ModelSettings
-from rose_select.select.stage import (GRADIENT_METHODS, METHODS, VARIANTS, SelectConfig, SelectSettings, method_settings,
-                                      run_select, stores_needed)
+from rose_select.select.methods import GRADIENT_METHODS, METHODS, VARIANTS, stores_needed
+from rose_select.select.stage import SelectConfig, SelectSettings, method_settings, run_select
 from rose_select.tokenization import TokenizeConfig
 from rose_select.training import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
