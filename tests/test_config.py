@@ -125,3 +125,21 @@ def test_run_select_options_reach_the_methods_that_use_them(tmp_path):
     assert options(sel["bm25"]) == options(sel["influence"]) == ("pairwise", 0.0, False, False, False)
     with pytest.raises(ConfigError, match="not options of method 'bm25'"):
         SelectConfig(method="bm25", standardize=True)
+
+
+def test_the_console_carries_no_third_party_noise(tmp_path, tiny_model_dir):
+    """`rose` runs with the libraries' weight-loading bars and deprecation notices silenced."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    pref = tmp_path / "p.json"
+    pref.write_text(json.dumps({"q": {"responses": ["yes", "no"], "pairs": [[0, 1]], "sft_target": "yes",
+                                      "rejected_target": "no"}}))
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS",
+                                                                          "TRANSFORMERS_VERBOSITY")}
+    proc = subprocess.run([sys.executable, "-m", "rose_select", "evaluate", "--model", str(tiny_model_dir),
+                           "--preferences", str(pref), "--device", "cpu", "--output", str(out)],
+                          capture_output=True, text=True, env={**env, "ROSE_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr

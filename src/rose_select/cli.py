@@ -12,7 +12,7 @@ import os
 import sys
 
 from rose_select import __version__
-from rose_select.runtime import configure_cpu
+from rose_select.runtime import configure_cpu, quiet_libraries
 
 # command -> (module, config class, run function, one-line help)
 STAGES = {
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command in STAGES or command == "answer":
+            quiet_libraries()  # before transformers loads: it reads its verbosity then
             configure_cpu()  # before torch loads: OpenMP reads its wait policy then
         if command in STAGES:
             return _stage_main(command, rest)

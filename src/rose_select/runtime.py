@@ -98,3 +98,21 @@ def resolve_device(device: str = "auto", local_rank: int | None = None):
 def progress_disabled() -> bool:
     """``ROSE_NO_PROGRESS`` set to anything but empty or ``0`` hides progress bars (CI, logs)."""
     return os.environ.get("ROSE_NO_PROGRESS", "") not in ("", "0")
+
+
+# Third-party messages that say nothing a rose user can act on: weight-loading progress bars and
+# the deprecation notices the libraries raise at each other (transformers <-> peft <-> torch).
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def quiet_libraries(environ=None) -> None:
+    """Keep the console to rose's own output: run before transformers is imported (it reads these
+    at import). Settings the user made win; rose's own progress bars are unaffected."""
+    import warnings
+
+    env = os.environ if environ is None else environ
+    for key, value in _QUIET_ENV.items():
+        env.setdefault(key, value)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|torch|trl)(\.|$)")
