@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rose_select.config import to_dict
+from rose_select.costs import cost_markdown, cost_table, current_threads, resolved_device, run_counts, tree_bytes
 from rose_select.errors import ConfigError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
 from rose_select.modeling import LoraSettings
@@ -82,6 +83,7 @@ class RunConfig:
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
     seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    project_pool_size: int | None = field(default=None, metadata={"help": "cost table: also project each stage's time, device-hours and bytes to a pool of this many examples"})
     shared_dir: str | None = field(default=None, metadata={"help": "keep target-independent artifacts (warm-up, pool features, full-data training) under SHARED_DIR/<fingerprint>/ so runs on other targets reuse them"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -99,6 +101,8 @@ class RunConfig:
             raise ConfigError(f"select.methods: unknown {bad}; known: {list(METHODS)}")
         if not self.select.methods:
             raise ConfigError("select.methods must name at least one method")
+        if self.project_pool_size is not None and self.project_pool_size < 1:
+            raise ConfigError(f"project_pool_size must be >= 1, got {self.project_pool_size}")
 
 
 def resolve_input(path: str) -> str:
@@ -135,7 +139,7 @@ class StageLedger:
         t0 = time.perf_counter()
         result = fn()
         self._set(key, {"fingerprint": fingerprint, "done": True, "seconds": round(time.perf_counter() - t0, 1),
-                        "result": result})
+                        "result": result, "bytes": tree_bytes(outputs), "threads": current_threads()})
         return result
 
     def _set(self, key, value):
@@ -313,7 +317,10 @@ def run_pipeline(cfg: RunConfig) -> Path:
                            adapter=str(Path(tcfg.output) / "adapter"))
         ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
                    lambda c=ecfg: str(run_evaluate(c, triples=triples)))
-    table = write_report(cfg, run, heldout_source, len(triples), ledger)
+    entries = {**shared_ledger.state, **ledger.state}
+    costs = cost_table(entries, run_counts(run, shared, cfg.select.methods, len(triples)),
+                       resolved_device(cfg.device), cfg.project_pool_size)
+    table = write_report(cfg, run, heldout_source, len(triples), ledger, costs)
     print(table)
     return run
 
@@ -340,7 +347,8 @@ def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
 
 
-def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:
+def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger,
+                 costs: dict | None = None) -> str:
     from rose_select import plots
     from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
 
@@ -362,12 +370,13 @@ def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int,
                               title=f"share per best-matching subtask (assigned by {reference})")
     timing = {k: v.get("seconds") for k, v in ledger.state.items()}
     write_json(run / "results.json", {"rows": rows, "heldout_source": heldout_source, "n_heldout": n_heldout,
-                                      "stage_seconds": timing})
+                                      "stage_seconds": timing, "costs": costs})
     report = (f"# rose run: {run}\n\nmodel `{cfg.model}`, pool `{cfg.pool}`, target `{cfg.validation}`; "
               f"{n_heldout} held-out pairs from `{Path(heldout_source).name}` (prompts used for selection removed).\n\n"
               f"## Held-out preference metrics (implicit reward vs the base model)\n\n{table}\n\n"
               f"## Selection overlap (Jaccard)\n\n{overlap_md}\n\n"
               f"## Selected share per subtask\n\n{shares_md}\n\n"
-              f"## Stage times (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timing.items()) + "\n")
+              f"## Stage times (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timing.items()) + "\n"
+              + (f"\n## Cost per stage\n\n{cost_markdown(costs, markdown)}\n" if costs else ""))
     write_text(run / "report.md", report)
     return table
