@@ -51,17 +51,20 @@ def busy_cores(seconds: float = 0.3) -> float:
     return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / total)
 
 
+def _positive(env, name: str) -> int:
+    try:
+        n = int(env[name].split(",")[0])  # OMP_NUM_THREADS may list counts per nesting level
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}")
+    return n
+
+
 def _thread_count(env) -> tuple[int, str]:
-    if env.get("ROSE_THREADS"):
-        try:
-            n = int(env["ROSE_THREADS"])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ConfigError(f"ROSE_THREADS must be a positive integer, got {env['ROSE_THREADS']!r}")
-        return n, "ROSE_THREADS"
-    if env.get("OMP_NUM_THREADS"):
-        return int(env["OMP_NUM_THREADS"].split(",")[0]), "OMP_NUM_THREADS"
+    for name in ("ROSE_THREADS", "OMP_NUM_THREADS"):
+        if env.get(name):
+            return _positive(env, name), name
     busy = busy_cores()
     return choose_threads(available_cores(), busy), f"{available_cores()} cores, {busy:.2f} busy"
 
