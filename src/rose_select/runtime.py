@@ -27,6 +27,9 @@ from rose_select.errors import ConfigError
 from rose_select.features.distributed import available_cores
 
 
+_CHOSEN: dict = {}
+
+
 def choose_threads(cores: int, busy: float) -> int:
     """Intra-op threads for ``cores`` cores when other processes keep ``busy`` of them busy."""
     return max(1, min(cores, cores - int(busy + 0.5)))
@@ -73,10 +76,15 @@ def configure_cpu(environ=None) -> dict:
     """Set the OpenMP wait policy (before torch is imported), then torch's intra-op thread count.
     Returns what was chosen: ``{"wait_policy", "threads", "reason"}``."""
     env = os.environ if environ is None else environ
+    if environ is None and _CHOSEN:  # once per process: later commands in it keep the choice
+        return dict(_CHOSEN)
     if "torch" not in sys.modules:  # too late otherwise: the OpenMP runtime has read its environment
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     threads, reason = _thread_count(env)
     import torch
 
     torch.set_num_threads(threads)
-    return {"wait_policy": env.get("OMP_WAIT_POLICY", "(OpenMP default)"), "threads": threads, "reason": reason}
+    chosen = {"wait_policy": env.get("OMP_WAIT_POLICY", "(OpenMP default)"), "threads": threads, "reason": reason}
+    if environ is None:
+        _CHOSEN.update(chosen)
+    return chosen
