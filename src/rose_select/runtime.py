@@ -28,6 +28,9 @@ from rose_select.errors import ConfigError
 from rose_select.features.distributed import available_cores
 
 
+_CHOSEN: dict = {}
+
+
 def choose_threads(cores: int, busy: float) -> int:
     """Intra-op threads for ``cores`` cores when other processes keep ``busy`` of them busy."""
     return max(1, min(cores, cores - int(busy + 0.5)))
@@ -52,17 +55,20 @@ def busy_cores(seconds: float = 0.3) -> float:
     return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / total)
 
 
+def _positive(env, name: str) -> int:
+    try:
+        n = int(env[name].split(",")[0])  # OMP_NUM_THREADS may list counts per nesting level
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}")
+    return n
+
+
 def _thread_count(env) -> tuple[int, str]:
-    if env.get("ROSE_THREADS"):
-        try:
-            n = int(env["ROSE_THREADS"])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ConfigError(f"ROSE_THREADS must be a positive integer, got {env['ROSE_THREADS']!r}")
-        return n, "ROSE_THREADS"
-    if env.get("OMP_NUM_THREADS"):
-        return int(env["OMP_NUM_THREADS"].split(",")[0]), "OMP_NUM_THREADS"
+    for name in ("ROSE_THREADS", "OMP_NUM_THREADS"):
+        if env.get(name):
+            return _positive(env, name), name
     busy = busy_cores()
     return choose_threads(available_cores(), busy), f"{available_cores()} cores, {busy:.2f} busy"
 
@@ -71,13 +77,18 @@ def configure_cpu(environ=None) -> dict:
     """Set the OpenMP wait policy (before torch is imported), then torch's intra-op thread count.
     Returns what was chosen: ``{"wait_policy", "threads", "reason"}``."""
     env = os.environ if environ is None else environ
+    if environ is None and _CHOSEN:  # once per process: later commands in it keep the choice
+        return dict(_CHOSEN)
     if "torch" not in sys.modules:  # too late otherwise: the OpenMP runtime has read its environment
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     threads, reason = _thread_count(env)
     import torch
 
     torch.set_num_threads(threads)
-    return {"wait_policy": env.get("OMP_WAIT_POLICY", "(OpenMP default)"), "threads": threads, "reason": reason}
+    chosen = {"wait_policy": env.get("OMP_WAIT_POLICY", "(OpenMP default)"), "threads": threads, "reason": reason}
+    if environ is None:
+        _CHOSEN.update(chosen)
+    return chosen
 
 def resolve_device(device: str = "auto", local_rank: int | None = None):
     """The ``torch.device`` for a device setting: ``auto`` picks CUDA, then MPS, then the CPU; in a
