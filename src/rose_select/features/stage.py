@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from rose_select.errors import ConfigError, DataError, NonFiniteError, StoreMismatchError
-from rose_select.modeling import LoraSettings
+from rose_select.modeling import LoraSettings, model_identity
 
 log = logging.getLogger(__name__)
 LOSSES = ("sft", "pairwise", "sft_chosen")
@@ -191,7 +191,6 @@ def plan_rounds(batches: list[list[int]], world: int) -> list[list[list[int]]]:
 def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: str | None,
                          data_sha: str) -> dict:
     import rose_select
-    from rose_select.modeling import model_identity
 
     ckpt = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
     return {
