@@ -16,6 +16,7 @@ from rose_select.errors import StoreMismatchError
 from rose_select.features.stage import FeaturizeConfig, run_featurize
 from rose_select.features.store import StoreNotReadyError, open_features
 from rose_select.modeling import LoraSettings
+from rose_select.tokenization import TokenizeConfig
 
 MSGS = [{"role": "user", "content": "Tell me about bread."}, {"role": "assistant", "content": "Flour and water."}]
 
@@ -35,7 +36,7 @@ def pool(tmp_path):
 
 def _cfg(model, data, out, **kw) -> FeaturizeConfig:
     return FeaturizeConfig(**{**dict(model=str(model), data=str(data), output=str(out), adam=False, dim=16,
-                                     batch_size=2, max_length=64, dtype="float32",
+                                     batch_size=2, tokenize=TokenizeConfig(max_length=64), store_dtype="float32",
                                      lora=LoraSettings(r=2, alpha=4.0, dropout=0.0)), **kw})
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 
 from rose_select import __version__
+from rose_select.runtime import configure_cpu
 
 # command -> (module, config class, run function, one-line help)
 STAGES = {
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     try:
+        if command in STAGES or command == "answer":
+            configure_cpu()  # before torch loads: OpenMP reads its wait policy then
         if command in STAGES:
             return _stage_main(command, rest)
         if command == "data":

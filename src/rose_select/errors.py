@@ -52,6 +52,11 @@ class PeerError(RoseError, RuntimeError):
     """Another process of a multi-process run failed; this one stops too (its error is above)."""
 
 
+class JudgeError(RoseError, RuntimeError):
+    """A judge endpoint is unreachable, refuses the API key, keeps failing, or answers something
+    that is not a verdict. One line: the endpoint, the model and what went wrong."""
+
+
 _OS_HINTS = {
     errno.ENOSPC: "no space left on the device; free some space or choose another output directory",
     errno.EDQUOT: "disk quota exceeded; free some space or choose another output directory",

@@ -314,7 +314,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
     """Select with ``base.model``; train each of ``models`` on those selections (same recipe) and
     evaluate it against its own base model on the same held-out pairs."""
     from rose_select.evaluation import run_evaluate
-    from rose_select.pipeline import _stage_configs, heldout_triples, resolve_input
+    from rose_select.pipeline import heldout_triples, resolve_input, training_configs
     from rose_select.training import run_train
 
     source_run = _run(cfg, f"select-{_slug(cfg.base.model)}-{target_name(cfg.base.validation)}",
@@ -326,7 +326,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
         if model == cfg.base.model:
             continue
         base_cfg = replace(cfg.base, model=model)
-        _, train_cfg = _stage_configs(base_cfg, source_run, pool, "")
+        _, train_cfg = training_configs(base_cfg, source_run, pool)
         root = out / "transfer" / _slug(model)
         for m in ["base", *cfg.method_list()]:
             adapter = None

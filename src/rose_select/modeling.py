@@ -44,6 +44,26 @@ class LoraSettings:
             raise ConfigError("lora.target_modules must not be empty")
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class ModelSettings:
+    """The base model a stage loads, its weights dtype and the device; every stage config and the
+    run config extend this, so the three are declared once."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "base model: HF id, local dir, or smollm2-135m"})
+    model_dtype: str = field(default="float32", metadata={"help": "model weights dtype: " + " | ".join(MODEL_DTYPES)})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+
+    def __post_init__(self):
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"model_dtype must be {'|'.join(MODEL_DTYPES)}, got {self.model_dtype!r}")
+        if not self.model:
+            raise ConfigError("model: a model name or path is required")
+        getattr(super(), "__post_init__", lambda: None)()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ROSE_CACHE", Path.home() / ".cache" / "rose-select"))
 

@@ -15,91 +15,68 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rose_select.checkpoints import read_warmup_checkpoints
-from rose_select.config import to_dict
+from rose_select.config import compose, section_fields, to_dict
 from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
-from rose_select.modeling import LoraSettings
+from rose_select.evaluation import EvalConfig, EvalSettings
+from rose_select.features.stage import FeatureSettings, FeaturizeConfig
+from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.select.stage import GRADIENT_METHODS, METHODS, SelectConfig, SelectSettings
 from rose_select.tokenization import TokenizeConfig
+from rose_select.training import Schedule, TrainConfig, WarmupConfig
 
 BUILTIN = "builtin:"
-STAGE_ORDER = ("warmup", "featurize", "select", "train", "evaluate", "report")
 
 
 @dataclass
-class TrainSection:
-    epochs: int = field(default=4, metadata={"help": "final training epochs"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
-    grad_accum: int = field(default=32, metadata={"help": "micro-batches per step"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear lr warm-up fraction"})
-
-
-@dataclass
-class WarmupSection(TrainSection):
+class WarmupSection(Schedule):
     fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
 
 
 @dataclass
-class FeaturizeSection:
-    projection: str = field(default="sjlt", metadata={"help": "none | rademacher | sjlt"})
-    dim: int = field(default=8192, metadata={"help": "projection dimension"})
-    seed: int = field(default=0, metadata={"help": "projection seed"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
-    dtype: str = field(default="float16", metadata={"help": "feature storage dtype"})
-    ref: str = field(default="base", metadata={"help": "pairwise reference model: base | self | PATH"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta"})
+class FeaturizeSection(FeatureSettings):
     checkpoints: list[int] | None = field(default=None, metadata={"help": "warm-up epochs to use (default: all)"})
 
 
 @dataclass
-class SelectSection:
+class SelectSection(SelectSettings):
     methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"], metadata={"help": "methods to compare"})
-    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
-    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
-    rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last"})
-    knn_k: int = field(default=10, metadata={"help": "shapley: K"})
-    damping: float = field(default=0.1, metadata={"help": "influence: damping"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"select.methods: unknown {bad}; known: {list(METHODS)}")
+        if not self.methods:
+            raise ConfigError("select.methods must name at least one method")
 
 
 @dataclass
-class EvaluateSection:
+class EvaluateSection(EvalSettings):
     heldout: str | None = field(default=None, metadata={"help": "preference file to hold pairs out of (default: the largest-shot sibling of validation)"})
     limit_per_subtask: int | None = field(default=None, metadata={"help": "held-out triples per subtask (None: all)"})
     test_prompts: str | None = field(default=None, metadata={"help": "test prompt dir/file with golden answers (optional)"})
-    judge: str | None = field(default=None, metadata={"help": "reward model or judge LM for win rates (optional)"})
-    max_new_tokens: int = field(default=128, metadata={"help": "generation length for judged answers"})
-    beta: float = field(default=0.1, metadata={"help": "beta of the implicit reward"})
-    batch_size: int = field(default=8, metadata={"help": "evaluation batch size"})
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ModelSettings):
+    """A whole run. Its sections are the stages' own settings classes, handed to them whole."""
+
     output_dir: str = field(default="runs/demo", metadata={"help": "run directory"})
-    model: str = field(default="smollm2-135m", metadata={"help": "base model (HF id, local dir, or smollm2-135m)"})
     pool: str = field(default=f"{BUILTIN}pool/sharegpt_demo.jsonl", metadata={"help": "instruction pool (path or builtin:...)"})
     pool_format: str = field(default="auto", metadata={"help": "pool format"})
     pool_limit: int | None = field(default=None, metadata={"help": "use the first N pool records"})
     validation: str = field(default=f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json", metadata={"help": "target-task preference file"})
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
     seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     shared_dir: str | None = field(default=None, metadata={"help": "keep target-independent artifacts (warm-up, pool features, full-data training) under SHARED_DIR/<fingerprint>/ so runs on other targets reuse them"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     warmup: WarmupSection = field(default_factory=WarmupSection)
     featurize: FeaturizeSection = field(default_factory=FeaturizeSection)
     select: SelectSection = field(default_factory=SelectSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: Schedule = field(default_factory=Schedule)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-
-    def __post_init__(self):
-        from rose_select.select.stage import METHODS
-
-        bad = [m for m in self.select.methods if m not in METHODS]
-        if bad:
-            raise ConfigError(f"select.methods: unknown {bad}; known: {list(METHODS)}")
-        if not self.select.methods:
-            raise ConfigError("select.methods must name at least one method")
 
 
 def resolve_input(path: str) -> str:
@@ -150,45 +127,47 @@ def _fp(*parts) -> str:
 
 # ------------------------------------------------------------------------------------- stages
 
-def _stage_configs(cfg: RunConfig, run: Path, pool: str, validation: str):
-    from rose_select.training import TrainConfig, WarmupConfig
+def _model(cfg: RunConfig) -> dict:
+    """The run's model settings, for a stage config."""
+    return section_fields(cfg, ModelSettings)
 
-    w = cfg.warmup
-    warm = WarmupConfig(model=cfg.model, lora=cfg.lora, tokenize=cfg.tokenize, data=pool, data_format=cfg.pool_format,
-                        limit=cfg.pool_limit, fraction=w.fraction, epochs=w.epochs, lr=w.lr, batch_size=w.batch_size,
-                        grad_accum=w.grad_accum, warmup_ratio=w.warmup_ratio, seed=cfg.seed, device=cfg.device,
-                        output=str(run / "warmup"))
-    t = cfg.train
-    train = TrainConfig(model=cfg.model, lora=cfg.lora, tokenize=cfg.tokenize, data=pool, data_format=cfg.pool_format,
-                        limit=cfg.pool_limit, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                        warmup_ratio=t.warmup_ratio, seed=cfg.seed, device=cfg.device, full=True,
-                        output=str(run / "train"))
+
+def training_configs(cfg: RunConfig, shared: Path, pool: str) -> tuple[WarmupConfig, TrainConfig]:
+    """The warm-up and the (full-pool) final-training configs of a run."""
+    data = dict(data=pool, data_format=cfg.pool_format, limit=cfg.pool_limit, seed=cfg.seed,
+                lora=cfg.lora, tokenize=cfg.tokenize)
+    warm = compose(WarmupConfig, _model(cfg), cfg.warmup, **data, output=str(shared / "warmup"))
+    train = compose(TrainConfig, _model(cfg), cfg.train, **data, full=True, output=str(shared / "train"))
     return warm, train
 
 
-def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str, ckpts: list[Path]):
+def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str,
+                   ckpts: list[Path]) -> list[tuple[str, FeaturizeConfig]]:
     """(key, FeaturizeConfig) for every store the chosen methods need (pool stores under ``shared``)."""
-    from rose_select.features.stage import FeaturizeConfig
-
-    f, methods = cfg.featurize, set(cfg.select.methods)
-    common = dict(model=cfg.model, lora=cfg.lora, projection=f.projection, dim=f.dim, seed=f.seed,
-                  batch_size=f.batch_size, max_length=cfg.tokenize.max_length, template=cfg.tokenize.template,
-                  truncation=cfg.tokenize.truncation, dtype=f.dtype, device=cfg.device)
+    methods = set(cfg.select.methods)
+    settings = section_fields(cfg.featurize, FeatureSettings)
+    if settings["ref"] == "auto" and "influence" in methods:  # influence needs DPO's scale
+        settings["ref"] = "base"
+    pairwise, less = bool(methods & {"rose", "influence", "shapley"}), "less" in methods
+    common = dict(**_model(cfg), **settings, lora=cfg.lora, tokenize=cfg.tokenize)
     jobs = []
     for ck in ckpts:
         base = run / "features" / ck.name
+        kinds = []
         if methods & {"rose", "less", "influence", "shapley"}:
-            jobs.append((f"featurize/{ck.name}/pool", FeaturizeConfig(
-                **common, checkpoint=str(ck), data=pool, data_kind="pool", data_format=cfg.pool_format,
-                limit=cfg.pool_limit, loss="sft", adam=True, output=str(shared / "features" / ck.name / "pool"))))
-        if methods & {"rose", "influence", "shapley"}:
-            jobs.append((f"featurize/{ck.name}/val_pairwise", FeaturizeConfig(
-                **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="pairwise",
-                adam=False, beta=f.beta, ref=f.ref, output=str(base / "val_pairwise"))))
-        if "less" in methods:
-            jobs.append((f"featurize/{ck.name}/val_sft", FeaturizeConfig(
-                **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="sft_chosen",
-                adam=False, output=str(base / "val_sft"))))
+            kinds.append(("pool", dict(data=pool, data_kind="pool", data_format=cfg.pool_format,
+                                       limit=cfg.pool_limit, loss="sft", adam=True),
+                          shared / "features" / ck.name / "pool"))
+        if pairwise:  # with less: one pass writes both validation stores (features/joint.py)
+            kinds.append(("val_pairwise" + ("+val_sft" if less else ""),
+                          dict(data=validation, data_kind="preference", loss="pairwise", adam=False,
+                               chosen_output=str(base / "val_sft") if less else None),
+                          base / "val_pairwise"))
+        elif less:
+            kinds.append(("val_sft", dict(data=validation, data_kind="preference", loss="sft_chosen", adam=False),
+                          base / "val_sft"))
+        jobs += [(f"featurize/{ck.name}/{kind}", FeaturizeConfig(**common, **io, checkpoint=str(ck), output=str(out)))
+                 for kind, io, out in kinds]
     return jobs
 
 
@@ -204,40 +183,35 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
     return ckpts
 
 
-def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
-                   ckpts: list[Path]):
-    from rose_select.select.stage import SelectConfig
-
-    s = cfg.select
-    feats = run / "features"
+def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
+                  ckpts: list[Path]) -> SelectConfig:
+    """The select stage's config for one method of a run."""
     val_kind = "val_sft" if method == "less" else "val_pairwise"
-    grad = method in ("rose", "less", "influence", "shapley")
+    grad = method in GRADIENT_METHODS
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
         lrs = {str(path): lr for _, path, lr in read_warmup_checkpoints(shared / "warmup")}
         weights = [lrs[str(c)] for c in ckpts]
-    return SelectConfig(
+    return compose(
+        SelectConfig, _model(cfg), section_fields(cfg.select, SelectSettings),
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
         num_subtasks=cfg.num_subtasks,
         pool_features=[str(shared / "features" / c.name / "pool") for c in ckpts] if grad else [],
-        val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
-        warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights,
-        reduce=s.reduce, fraction=s.fraction, seed=cfg.seed, model=cfg.model,
-        adapter=str(ckpts[-1]) if method == "rds" else None, rds_pooling=s.rds_pooling,
-        max_length=cfg.tokenize.max_length, batch_size=cfg.featurize.batch_size, damping=s.damping,
-        knn_k=s.knn_k, device="cpu" if cfg.device == "auto" else cfg.device, output=str(run / "select" / method))
+        val_features=[str(run / "features" / c.name / val_kind) for c in ckpts] if grad else [],
+        warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights, seed=cfg.seed,
+        adapter=str(ckpts[-1]) if method == "rds" else None, tokenize=cfg.tokenize,
+        batch_size=cfg.featurize.batch_size, output=str(run / "select" / method))
 
 
-def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides):
+def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides) -> EvalConfig:
     """A run's evaluation settings (its evaluate section, model, tokenisation, device).
     ``test_prompts=False`` leaves out the golden-answer prompts and the judge (preference pairs only)."""
-    from rose_select.evaluation import EvalConfig
-
-    e = cfg.evaluate
-    extra = dict(test_prompts=e.test_prompts, judge=e.judge, max_new_tokens=e.max_new_tokens) if test_prompts else {}
-    return EvalConfig(model=cfg.model, beta=e.beta, batch_size=e.batch_size, max_length=cfg.tokenize.max_length,
-                      template=cfg.tokenize.template, device=cfg.device, reference_cache=str(reference_cache),
-                      output=str(output), **extra, **overrides)
+    settings = section_fields(cfg.evaluate, EvalSettings)
+    if not test_prompts:
+        settings.update(judge=None, judge_url=None)
+    return compose(EvalConfig, _model(cfg), settings, tokenize=cfg.tokenize, reference_cache=str(reference_cache),
+                   test_prompts=cfg.evaluate.test_prompts if test_prompts else None, output=str(output),
+                   **overrides)
 
 
 def heldout_triples(cfg: RunConfig, validation: str):
@@ -278,7 +252,7 @@ def run_pipeline(cfg: RunConfig) -> Path:
     save_yaml(cfg, run / "config.yaml")
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
     ledger = StageLedger(run)
-    warm_cfg, train_cfg = _stage_configs(cfg, run, pool, validation)
+    warm_cfg, train_cfg = training_configs(cfg, run, pool)
     fp_warm = _fp(replace(warm_cfg, output=""), data_fp["pool"])
     # target-independent stages: in the run dir, or shared by every run with the same warm-up
     shared = Path(cfg.shared_dir) / f"warmup-{fp_warm}" if cfg.shared_dir else run
@@ -286,12 +260,13 @@ def run_pipeline(cfg: RunConfig) -> Path:
     warm_cfg = replace(warm_cfg, output=str(shared / "warmup"))
     shared_ledger.run("warmup", fp_warm, [shared / "warmup"], lambda: str(run_warmup(warm_cfg)))
     ckpts = _checkpoints(cfg, shared / "warmup")
-    for key, fcfg in _featurize_jobs(cfg, run, shared, pool, validation, ckpts):
+    for key, fcfg in featurize_jobs(cfg, run, shared, pool, validation, ckpts):
         where = shared_ledger if key.endswith("/pool") else ledger
-        where.run(key, _fp(fcfg, fp_warm), [Path(fcfg.output)], lambda c=fcfg: str(run_featurize(c)))
+        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
+        where.run(key, _fp(fcfg, fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
     fp_feat = _fp(cfg.featurize, fp_warm)
     for method in cfg.select.methods:
-        scfg = _select_config(cfg, run, shared, method, pool, validation, ckpts)
+        scfg = select_config(cfg, run, shared, method, pool, validation, ckpts)
         ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
     heldout_source, triples = heldout_triples(cfg, validation)
     reference_cache = run / "eval" / "reference_logps.npz"

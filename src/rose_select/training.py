@@ -34,18 +34,18 @@ non-determinism of the device's kernels).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from rose_select import rundir
 from rose_select.checkpoints import completed_epochs, logged_steps, write_checkpoint
 from rose_select.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from rose_select.io import read_json, write_dir_atomically, write_json
-from rose_select import rundir
-from rose_select.modeling import LoraSettings
+from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.records import InstructionRecord
 from rose_select.tokenization import TokenizeConfig
 
@@ -54,17 +54,9 @@ ADAM_EPS = 1e-8
 
 
 @dataclass
-class TrainConfig:
-    """LoRA SFT on a pool subset: a selection file, a random fraction, or the full pool."""
+class Schedule:
+    """The optimisation schedule: the ``warmup`` and ``train`` sections of a run."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "base model: HF id, local dir, or smollm2-135m"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    data: str = field(default="", metadata={"help": "instruction pool file (any format data.load_pool reads)"})
-    data_format: str = field(default="auto", metadata={"help": "pool format (auto: detect)"})
-    selection: str | None = field(default=None, metadata={"help": "selected.jsonl to train on (records in the pool's own format)"})
-    fraction: float | None = field(default=None, metadata={"help": "train on a seeded random fraction of the pool"})
-    full: bool = field(default=False, metadata={"help": "train on the whole pool"})
     epochs: int = field(default=4, metadata={"help": "training epochs"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear lr warm-up"})
@@ -72,13 +64,6 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=32, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    seed: int = field(default=42, metadata={"help": "seed of the subset, LoRA init, data order and dropout"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype: float32 | bfloat16 | float16"})
-    output: str = field(default="runs/train", metadata={"help": "run directory"})
-    save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
-    limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
-    on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
 
     def __post_init__(self):
         checks = [
@@ -89,9 +74,37 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclass
+class TrainConfig(ModelSettings, Schedule):
+    """LoRA SFT on a pool subset: a selection file, a random fraction, or the full pool."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    data: str = field(default="", metadata={"help": "instruction pool file (any format rose_select.data.load_pool reads)"})
+    data_format: str = field(default="auto", metadata={"help": "pool format (auto: detect)"})
+    selection: str | None = field(default=None, metadata={"help": "selected.jsonl to train on (records in the pool's own format)"})
+    fraction: float | None = field(default=None, metadata={"help": "train on a seeded random fraction of the pool"})
+    full: bool = field(default=False, metadata={"help": "train on the whole pool"})
+    seed: int = field(default=42, metadata={"help": "seed of the subset, LoRA init, data order and dropout"})
+    output: str = field(default="runs/train", metadata={"help": "run directory"})
+    save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
+    limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
+    on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
+
+    RENAMED = {"dtype": "model_dtype"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
             (self.fraction is None or 0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
-            (self.dtype in ("float32", "bfloat16", "float16", "float64"), f"dtype must be float32|bfloat16|float16|float64, got {self.dtype!r}"),
             (self.on_too_long in ("error", "skip"), f"on_too_long must be error|skip, got {self.on_too_long!r}"),
         ]
         for ok, message in checks:
@@ -150,22 +163,6 @@ def choose_subset(n: int, fraction: float, seed: int) -> list[int]:
 
 def _epoch_torch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch, 1]).integers(0, 2**63 - 1))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def progress_disabled() -> bool:
-    return os.environ.get("ROSE_NO_PROGRESS", "") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------- loss
@@ -270,7 +267,7 @@ def _build(cfg: TrainConfig):
 
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    model = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     model = attach_lora(model, cfg.lora)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -14,13 +14,38 @@ import numpy as np
 
 from rose_select.checkpoints import read_warmup_checkpoints, warmup_epochs
 from rose_select.errors import ConfigError, DataError
+from rose_select.modeling import ModelSettings
+from rose_select.tokenization import TokenizeConfig
 
 METHODS = ("rose", "less", "random", "bm25", "rds", "dsir", "influence", "shapley", "full")
 GRADIENT_METHODS = ("rose", "less", "influence", "shapley")
 
 
 @dataclass
-class SelectConfig:
+class SelectSettings:
+    """How a selection is scored and cut, whatever the method's inputs: the ``select`` section of a run."""
+
+    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
+    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
+    rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last token"})
+    damping: float = field(default=0.1, metadata={"help": "influence: damping as a fraction of the mean diagonal"})
+    knn_k: int = field(default=10, metadata={"help": "shapley: K of KNN-Shapley"})
+
+    def __post_init__(self):
+        if self.reduce not in ("max", "mean"):
+            raise ConfigError(f"reduce must be max|mean, got {self.reduce!r}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.rds_pooling not in ("mean", "last"):
+            raise ConfigError(f"rds_pooling must be mean|last, got {self.rds_pooling!r}")
+        getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclass
+class SelectConfig(ModelSettings, SelectSettings):
+    """One selection: a method, the pool, the target's validation file and (gradient methods) the
+    feature stores. The model settings serve rds, which embeds texts."""
+
     method: str = field(default="rose", metadata={"help": "|".join(METHODS)})
     pool: str = field(default="", metadata={"help": "instruction pool file"})
     pool_format: str = field(default="auto", metadata={"help": "pool format (auto|messages|alpaca|sharegpt|...)"})
@@ -31,31 +56,21 @@ class SelectConfig:
     val_features: list[str] = field(default_factory=list, metadata={"help": "validation feature stores, one per checkpoint (pairwise for rose, sft_chosen for less)"})
     warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its checkpoints' mean learning rates give the checkpoint weights"})
     checkpoint_weights: list[float] | None = field(default=None, metadata={"help": "override the checkpoint weights"})
-    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
-    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
     count: int | None = field(default=None, metadata={"help": "number to select (overrides fraction)"})
     quotas: dict | None = field(default=None, metadata={"help": "per-source quotas {source: fraction or count} (YAML)"})
     seed: int = field(default=0, metadata={"help": "seed (random, dsir)"})
-    model: str = field(default="smollm2-135m", metadata={"help": "model for rds"})
     adapter: str | None = field(default=None, metadata={"help": "adapter for rds (optional)"})
-    rds_pooling: str = field(default="mean", metadata={"help": "mean | last token"})
-    max_length: int = field(default=512, metadata={"help": "max tokens for rds embeddings"})
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     batch_size: int = field(default=8, metadata={"help": "batch size for rds embeddings"})
-    damping: float = field(default=0.1, metadata={"help": "influence: damping as a fraction of the mean diagonal"})
-    knn_k: int = field(default=10, metadata={"help": "shapley: K of KNN-Shapley"})
-    device: str = field(default="cpu", metadata={"help": "device for rds"})
     output: str = field(default="select", metadata={"help": "output directory"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
 
+    RENAMED = {"max_length": "tokenize.max_length"}
+
     def __post_init__(self):
+        super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.reduce not in ("max", "mean"):
-            raise ConfigError(f"reduce must be max|mean, got {self.reduce!r}")
-        if self.count is None and not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.rds_pooling not in ("mean", "last"):
-            raise ConfigError(f"rds_pooling must be mean|last, got {self.rds_pooling!r}")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -132,11 +147,27 @@ def _scores_gradient(cfg, pool, triples):
     return result.scores, result.per_group, result.group_names, {"checkpoint_weights": w.tolist()}
 
 
+def _require_dpo_scale(paths) -> None:
+    """Influence sums unnormalised inner products, so each validation triple's DPO weight counts:
+    refuse pairwise stores written with ``ref: auto`` (``pair_scale: unweighted``, weight left out)."""
+    from rose_select.io import read_json
+
+    for p in paths:
+        meta = Path(p) / "meta.json"
+        scale = read_json(meta).get("settings", {}).get("pair_scale") if meta.exists() else None
+        if scale == "unweighted":
+            raise ConfigError(f"{p}: pairwise features made with ref: auto carry each triple's direction but "
+                              "not DPO's per-triple weight (the reference forward was skipped; cosine scoring "
+                              "does not need it). The influence baseline needs the true scale: featurize the "
+                              "validation set again with ref: base")
+
+
 def _scores_influence(cfg, pool, triples):
     from rose_select.select.baselines import influence_scores
     from rose_select.select.scoring import load_store_features
 
     _need_features(cfg)
+    _require_dpo_scale(cfg.val_features)
     w = lr_weights(cfg, len(cfg.pool_features))
     total = np.zeros(len(pool))
     for wi, p, v in zip(w, cfg.pool_features, cfg.val_features):
@@ -160,17 +191,19 @@ def _scores_shapley(cfg, pool, triples):
 def _scores_rds(cfg, pool, triples):
     from rose_select.select.baselines import rds_scores
     from rose_select.modeling import load_adapter, load_model, load_tokenizer
-    from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record
+    from rose_select.runtime import resolve_device
+    from rose_select.tokenization import encode_messages, encode_record
     from rose_select.records import Message
 
-    model, tok = load_model(cfg.model, device=cfg.device), load_tokenizer(cfg.model)
+    device = resolve_device(cfg.device)
+    model, tok = load_model(cfg.model, dtype=cfg.model_dtype, device=device), load_tokenizer(cfg.model)
     if cfg.adapter:
         model = load_adapter(model, cfg.adapter, trainable=False)
-    tcfg = TokenizeConfig(max_length=cfg.max_length)
+    tcfg = cfg.tokenize
     pool_enc = [encode_record(r, tok, tcfg) for r in pool]
     val_enc = [encode_messages(list(t.prompt) + [Message("assistant", t.chosen)], tok, tcfg, record=t.id, pair=True)
                for t in triples]
-    kw = dict(pooling=cfg.rds_pooling, batch_size=cfg.batch_size, device=cfg.device)
+    kw = dict(pooling=cfg.rds_pooling, batch_size=cfg.batch_size, device=device)
     pe, ve = representations(model, tok, pool_enc, **kw), representations(model, tok, val_enc, **kw)
     return rds_scores(pe, ve, [t.subtask for t in triples], reduce=cfg.reduce), None, None, {"pooling": cfg.rds_pooling}
 
