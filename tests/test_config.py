@@ -41,7 +41,7 @@ def test_run_tokenisation_and_model_reach_every_stage(tmp_path):
     selects = [select_config(cfg, run, run, m, "pool.jsonl", "val.json", ckpts) for m in METHODS]
     evals = [eval_config(cfg, output=run / "eval", reference_cache=run / "ref.npz")]
     stages = [warm, train, *(c for _, c in jobs), *selects, *evals]
-    assert {k.split("/")[-1] for k, _ in jobs} == {"pool", "val_pairwise+val_sft"}  # one validation pass
+    assert {k.split("/")[-1] for k, _ in jobs} == {"pool", "val_pairwise+val_sft", "val_sft_rejected"}  # one pass for both
     for stage in stages:
         assert dataclasses.asdict(stage.tokenize) == TOKENIZE, type(stage).__name__
         assert (stage.model, stage.model_dtype, stage.device) == ("some/model", "bfloat16", "cpu")
@@ -109,3 +109,19 @@ def test_shipped_configs_load():
         data = path.read_text()
         assert "dtype:" not in data.replace("model_dtype:", "").replace("store_dtype:", ""), path
     load_yaml(RunConfig, root / "demo.yaml")
+
+
+def test_run_select_options_reach_the_methods_that_use_them(tmp_path):
+    """One select section serves every method: rose takes every option, less its own, a preset keeps
+    its direction, and methods without per-subtask scores get the defaults instead of an error."""
+    cfg = _run_config(tmp_path, select={"methods": list(METHODS), "direction": "pairwise_ln", "chosen_weight": 0.5,
+                                        "center": True, "standardize": True, "balanced": True})
+    run, ckpts = tmp_path / "run", [tmp_path / "run" / "warmup" / "ckpt-1"]
+    sel = {m: select_config(cfg, run, run, m, "pool.jsonl", "val.json", ckpts) for m in METHODS}
+    options = lambda c: (c.direction, c.chosen_weight, c.center, c.standardize, c.balanced)
+    assert options(sel["rose"]) == ("pairwise_ln", 0.5, True, True, True)
+    assert options(sel["less"]) == ("pairwise", 0.0, True, True, True)
+    assert options(sel["rose_plus"]) == ("pairwise", 1.0, False, True, True)
+    assert options(sel["bm25"]) == options(sel["influence"]) == ("pairwise", 0.0, False, False, False)
+    with pytest.raises(ConfigError, match="not options of method 'bm25'"):
+        SelectConfig(method="bm25", standardize=True)

@@ -36,6 +36,7 @@ from rose_select.judges import hh_text, load_judge
 from rose_select.records import Message, PreferenceTriple
 from rose_select.modeling import ModelSettings
 from rose_select.runtime import progress_disabled, resolve_device
+from rose_select.tables import markdown
 from rose_select.tokenization import TokenizeConfig
 
 @dataclass
@@ -319,11 +320,7 @@ def _overall_test(per: dict) -> dict:
 def markdown_table(metrics: dict) -> str:
     """One row per subtask (and overall), one column per metric."""
     rows = {**metrics.get("per_subtask", {}), "**overall**": metrics.get("overall", {})}
-    cols = list(dict.fromkeys(k for m in rows.values() for k in m))
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-    lines = ["| subtask | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    lines += [f"| {name} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |" for name, m in rows.items()]
-    return "\n".join(lines) + "\n"
+    return markdown([{"subtask": name, **m} for name, m in rows.items()]) + "\n"
 
 
 def _load_triples(cfg: EvalConfig) -> list[PreferenceTriple]:

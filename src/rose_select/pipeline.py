@@ -15,17 +15,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rose_select.checkpoints import read_warmup_checkpoints
-from rose_select.config import compose, section_fields, to_dict
+from rose_select.config import compose, save_yaml, section_fields, to_dict
+from rose_select.data.builtin import BUILTIN, resolve_input
 from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
-from rose_select.evaluation import EvalConfig, EvalSettings
-from rose_select.features.stage import FeatureSettings, FeaturizeConfig
+from rose_select.tables import markdown
+from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
+from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
 from rose_select.modeling import LoraSettings, ModelSettings
-from rose_select.select.stage import GRADIENT_METHODS, METHODS, SelectConfig, SelectSettings
+from rose_select.select.stage import (GRADIENT_METHODS, METHODS, VARIANTS, SelectConfig, SelectSettings, method_settings,
+                                      run_select, stores_needed)
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import Schedule, TrainConfig, WarmupConfig
+from rose_select.training import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
-BUILTIN = "builtin:"
 
 
 @dataclass
@@ -77,18 +79,6 @@ class RunConfig(ModelSettings):
     select: SelectSection = field(default_factory=SelectSection)
     train: Schedule = field(default_factory=Schedule)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-
-
-def resolve_input(path: str) -> str:
-    """``builtin:REL`` -> the file shipped in ``rose_select/assets/REL``; anything else unchanged."""
-    if not path.startswith(BUILTIN):
-        return path
-    from importlib import resources
-
-    target = Path(str(resources.files("rose_select").joinpath("assets", path[len(BUILTIN):])))
-    if not target.exists():
-        raise ConfigError(f"no built-in file {path!r} (looked at {target})")
-    return str(target)
 
 
 # ------------------------------------------------------------------------------------- stage bookkeeping
@@ -148,24 +138,27 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
     settings = section_fields(cfg.featurize, FeatureSettings)
     if settings["ref"] == "auto" and "influence" in methods:  # influence needs DPO's scale
         settings["ref"] = "base"
-    pairwise, less = bool(methods & {"rose", "influence", "shapley"}), "less" in methods
+    needed = set().union(*[stores_needed(m, **{k: v for k, v in method_settings(cfg.select, m).items()
+                                                 if k in ("direction", "chosen_weight")}) for m in methods])
     common = dict(**_model(cfg), **settings, lora=cfg.lora, tokenize=cfg.tokenize)
     jobs = []
     for ck in ckpts:
         base = run / "features" / ck.name
         kinds = []
-        if methods & {"rose", "less", "influence", "shapley"}:
+        if methods & set(GRADIENT_METHODS):
             kinds.append(("pool", dict(data=pool, data_kind="pool", data_format=cfg.pool_format,
                                        limit=cfg.pool_limit, loss="sft", adam=True),
                           shared / "features" / ck.name / "pool"))
-        if pairwise:  # with less: one pass writes both validation stores (features/joint.py)
-            kinds.append(("val_pairwise" + ("+val_sft" if less else ""),
+        joint = "pairwise" in needed and "sft_chosen" in needed
+        if "pairwise" in needed:  # with the chosen-answer store: one pass writes both (features/joint.py)
+            kinds.append(("val_pairwise" + ("+val_sft" if joint else ""),
                           dict(data=validation, data_kind="preference", loss="pairwise", adam=False,
-                               chosen_output=str(base / "val_sft") if less else None),
+                               chosen_output=str(base / "val_sft") if joint else None),
                           base / "val_pairwise"))
-        elif less:
-            kinds.append(("val_sft", dict(data=validation, data_kind="preference", loss="sft_chosen", adam=False),
-                          base / "val_sft"))
+        for loss, store in (("sft_chosen", "val_sft"), ("sft_rejected", "val_sft_rejected")):
+            if loss in needed and not (joint and loss == "sft_chosen"):
+                kinds.append((store, dict(data=validation, data_kind="preference", loss=loss, adam=False),
+                              base / store))
         jobs += [(f"featurize/{ck.name}/{kind}", FeaturizeConfig(**common, **io, checkpoint=str(ck), output=str(out)))
                  for kind, io, out in kinds]
     return jobs
@@ -186,18 +179,22 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
 def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
                   ckpts: list[Path]) -> SelectConfig:
     """The select stage's config for one method of a run."""
+    feats = run / "features"
     val_kind = "val_sft" if method == "less" else "val_pairwise"
     grad = method in GRADIENT_METHODS
+    rose_family = method == "rose" or method in VARIANTS
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
         lrs = {str(path): lr for _, path, lr in read_warmup_checkpoints(shared / "warmup")}
         weights = [lrs[str(c)] for c in ckpts]
     return compose(
-        SelectConfig, _model(cfg), section_fields(cfg.select, SelectSettings),
+        SelectConfig, _model(cfg), method_settings(cfg.select, method),
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
         num_subtasks=cfg.num_subtasks,
         pool_features=[str(shared / "features" / c.name / "pool") for c in ckpts] if grad else [],
-        val_features=[str(run / "features" / c.name / val_kind) for c in ckpts] if grad else [],
+        val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
+        val_chosen_features=[str(feats / c.name / "val_sft") for c in ckpts] if rose_family else [],
+        val_rejected_features=[str(feats / c.name / "val_sft_rejected") for c in ckpts] if rose_family else [],
         warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights, seed=cfg.seed,
         adapter=str(ckpts[-1]) if method == "rds" else None, tokenize=cfg.tokenize,
         batch_size=cfg.featurize.batch_size, output=str(run / "select" / method))
@@ -235,62 +232,99 @@ def heldout_triples(cfg: RunConfig, validation: str):
     return source, triples
 
 
-def run_pipeline(cfg: RunConfig) -> Path:
-    """The whole pipeline; returns the run directory (with report.md)."""
-    from rose_select.config import save_yaml
-    from rose_select.evaluation import run_evaluate
-    from rose_select.features.stage import run_featurize
-    from rose_select.select.stage import run_select
-    from rose_select.training import run_train, run_warmup
+@dataclass
+class _Run:
+    """What every phase of a run shares: its config, inputs, fingerprints and ledgers."""
 
-    run = Path(cfg.output_dir)
+    cfg: RunConfig
+    dir: Path
+    pool: str
+    validation: str
+    data_fp: dict
+    ledger: StageLedger
+    warm: WarmupConfig = None
+    train: TrainConfig = None
+    fp_warm: str = ""
+    shared: Path = None  # target-independent stages: the run dir, or shared by runs with the same warm-up
+    shared_ledger: StageLedger = None
+
+
+def _start(cfg: RunConfig) -> _Run:
+    """Check the inputs before anything is written (no leftover config.yaml), then record the config."""
+    run_dir = Path(cfg.output_dir)
     pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
     for name, path in (("pool", pool), ("validation", validation)):
-        if not Path(path).is_file():  # before anything is written: no leftover config.yaml
+        if not Path(path).is_file():
             raise DataError("file not found", path=path, field=name)
-    run.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run / "config.yaml")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
-    ledger = StageLedger(run)
-    warm_cfg, train_cfg = training_configs(cfg, run, pool)
-    fp_warm = _fp(replace(warm_cfg, output=""), data_fp["pool"])
-    # target-independent stages: in the run dir, or shared by every run with the same warm-up
-    shared = Path(cfg.shared_dir) / f"warmup-{fp_warm}" if cfg.shared_dir else run
-    shared_ledger = StageLedger(shared) if cfg.shared_dir else ledger
-    warm_cfg = replace(warm_cfg, output=str(shared / "warmup"))
-    shared_ledger.run("warmup", fp_warm, [shared / "warmup"], lambda: str(run_warmup(warm_cfg)))
-    ckpts = _checkpoints(cfg, shared / "warmup")
-    for key, fcfg in featurize_jobs(cfg, run, shared, pool, validation, ckpts):
-        where = shared_ledger if key.endswith("/pool") else ledger
-        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
-        where.run(key, _fp(fcfg, fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
-    fp_feat = _fp(cfg.featurize, fp_warm)
-    for method in cfg.select.methods:
-        scfg = select_config(cfg, run, shared, method, pool, validation, ckpts)
-        ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
-    heldout_source, triples = heldout_triples(cfg, validation)
-    reference_cache = run / "eval" / "reference_logps.npz"
-    fp_eval = _fp(cfg.evaluate, data_fp, [t.id for t in triples])
-    base_eval = eval_config(cfg, output=run / "eval" / "base", reference_cache=reference_cache)
-    ledger.run("evaluate/base", _fp(base_eval, fp_eval), [run / "eval" / "base"],
-               lambda: str(run_evaluate(base_eval, triples=triples)))
-    for method in cfg.select.methods:
-        if method == "full":  # the whole pool: the same model whatever the target
-            tcfg = replace(train_cfg, full=True, output=str(shared / "train" / "full"))
-            fp_train = _fp(replace(tcfg, output=""), data_fp["pool"])
-            shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
-        else:
-            sel = run / "select" / method / "selected.jsonl"
-            tcfg = replace(train_cfg, full=False, selection=str(sel), output=str(run / "train" / method))
-            fp_train = _fp(tcfg, ledger.state[f"select/{method}"]["fingerprint"])
-            ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
-        ecfg = eval_config(cfg, output=run / "eval" / method, reference_cache=reference_cache,
-                           adapter=str(Path(tcfg.output) / "adapter"))
-        ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
-                   lambda c=ecfg: str(run_evaluate(c, triples=triples)))
-    table = write_report(cfg, run, heldout_source, len(triples), ledger)
-    print(table)
+    run = _Run(cfg, run_dir, pool, validation, data_fp, StageLedger(run_dir))
+    run.warm, run.train = training_configs(cfg, run_dir, pool)
+    run.fp_warm = _fp(replace(run.warm, output=""), data_fp["pool"])
+    run.shared = Path(cfg.shared_dir) / f"warmup-{run.fp_warm}" if cfg.shared_dir else run_dir
+    run.shared_ledger = StageLedger(run.shared) if cfg.shared_dir else run.ledger
+    run.warm = replace(run.warm, output=str(run.shared / "warmup"))
     return run
+
+
+def _warmup_and_features(run: _Run) -> list[Path]:
+    """Warm-up, then every feature store the methods need; returns the checkpoints scored."""
+    run.shared_ledger.run("warmup", run.fp_warm, [run.shared / "warmup"], lambda: str(run_warmup(run.warm)))
+    ckpts = _checkpoints(run.cfg, run.shared / "warmup")
+    for key, fcfg in featurize_jobs(run.cfg, run.dir, run.shared, run.pool, run.validation, ckpts):
+        where = run.shared_ledger if key.endswith("/pool") else run.ledger
+        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
+        where.run(key, _fp(fcfg, run.fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
+    return ckpts
+
+
+def _select_all(run: _Run, ckpts: list[Path]) -> None:
+    fp_feat = _fp(run.cfg.featurize, run.fp_warm)
+    for method in run.cfg.select.methods:
+        scfg = select_config(run.cfg, run.dir, run.shared, method, run.pool, run.validation, ckpts)
+        run.ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
+
+
+def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
+    """The final model of one method (the full pool's is shared by every target); its fingerprint."""
+    if method == "full":
+        tcfg = replace(run.train, full=True, output=str(run.shared / "train" / "full"))
+        fp_train = _fp(replace(tcfg, output=""), run.data_fp["pool"])
+        run.shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+    else:
+        sel = run.dir / "select" / method / "selected.jsonl"
+        tcfg = replace(run.train, full=False, selection=str(sel), output=str(run.dir / "train" / method))
+        fp_train = _fp(tcfg, run.ledger.state[f"select/{method}"]["fingerprint"])
+        run.ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+    return tcfg, fp_train
+
+
+def _train_and_evaluate(run: _Run, triples) -> None:
+    """The base model, then each method's final model, on the same held-out pairs."""
+    reference_cache = run.dir / "eval" / "reference_logps.npz"
+    fp_eval = _fp(run.cfg.evaluate, run.data_fp, [t.id for t in triples])
+    base = eval_config(run.cfg, output=run.dir / "eval" / "base", reference_cache=reference_cache)
+    run.ledger.run("evaluate/base", _fp(base, fp_eval), [Path(base.output)],
+                   lambda: str(run_evaluate(base, triples=triples)))
+    for method in run.cfg.select.methods:
+        tcfg, fp_train = _train_method(run, method)
+        ecfg = eval_config(run.cfg, output=run.dir / "eval" / method, reference_cache=reference_cache,
+                           adapter=str(Path(tcfg.output) / "adapter"))
+        run.ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
+                       lambda c=ecfg: str(run_evaluate(c, triples=triples)))
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    """The whole pipeline; returns the run directory (with report.md)."""
+    run = _start(cfg)
+    ckpts = _warmup_and_features(run)
+    _select_all(run, ckpts)
+    heldout_source, triples = heldout_triples(cfg, run.validation)
+    _train_and_evaluate(run, triples)
+    table = write_report(cfg, run.dir, heldout_source, len(triples), run.ledger)
+    print(table)
+    return run.dir
 
 
 # ------------------------------------------------------------------------------------- report
@@ -305,14 +339,6 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
         n_sel = "-" if name == "base" else read_json(run / "select" / name / "summary.json")["n_selected"]
         rows.append({"method": name, "n_train": n_sel, **{k: m.get(k) for k in REPORT_METRICS}})
     return rows
-
-
-def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
-    """Rows of dicts as a markdown table (columns: ``cols`` or every key in order of appearance)."""
-    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
 
 
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:

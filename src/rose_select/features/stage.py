@@ -6,6 +6,9 @@ Losses:
   Adam-preconditioned with the checkpoint's moments by default (LESS/ROSE training side).
 - ``pairwise``: the DPO loss of each validation triple (ROSE validation side); no Adam.
 - ``sft_chosen``: SFT loss of each triple's chosen answer (LESS validation side); no Adam.
+- ``sft_rejected``: the same for the rejected answer. With ``sft_chosen`` it gives the
+  length-normalised pairwise direction ``sft_chosen - sft_rejected`` (``rose select --direction
+  pairwise_ln``); the pairwise loss direction itself uses summed log-probabilities.
 
 ``chosen_output`` (loss ``pairwise``): also write the ``sft_chosen`` features of the same triples
 into a second store, from the same forward/backward pass (``joint.py``). ``ref: auto`` skips the
@@ -42,7 +45,7 @@ from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tokenization import TokenizeConfig
 
 log = logging.getLogger(__name__)
-LOSSES = ("sft", "pairwise", "sft_chosen")
+LOSSES = ("sft", "pairwise", "sft_chosen", "sft_rejected")
 FEATURIZE_VERSION = 3  # 2: one global batch plan; a fresh adapter is seeded; 3: model by content
 
 
@@ -97,7 +100,7 @@ class FeaturizeConfig(ModelSettings, FeatureSettings):
     data_kind: str = field(default="auto", metadata={"help": "pool | preference | auto (pool for loss sft)"})
     data_format: str = field(default="auto", metadata={"help": "loader format (see rose_select.data)"})
     limit: Optional[int] = field(default=None, metadata={"help": "use only the first N records"})
-    loss: str = field(default="sft", metadata={"help": "sft | pairwise | sft_chosen"})
+    loss: str = field(default="sft", metadata={"help": "sft | pairwise | sft_chosen | sft_rejected"})
     adam: Optional[bool] = field(default=None, metadata={"help": "Adam-precondition (default: true for sft, must be false otherwise)"})
     chosen_output: Optional[str] = field(default=None, metadata={"help": "loss pairwise: also write the chosen answers' sft_chosen features (LESS) to this store, from the same pass"})
     output: str = field(default="", metadata={"help": "feature store directory"})
@@ -178,10 +181,12 @@ def _load_items(cfg: FeaturizeConfig, tokenizer):
         def encode(t):
             e = encode_triple(t, tokenizer, tcfg)
             return [e["chosen"], e["rejected"]]
-    else:  # sft_chosen: the chosen answer as an SFT target (pair truncation, as on the pairwise side)
+    else:  # sft_chosen / sft_rejected: one answer as an SFT target (pair truncation, as on the pairwise side)
+        side = "chosen" if cfg.loss == "sft_chosen" else "rejected"
+
         def encode(t):
-            return [encode_messages(list(t.prompt) + [Message("assistant", t.chosen)], tokenizer, tcfg,
-                                    record=f"{t.id} (chosen)", pair=True)]
+            return [encode_messages(list(t.prompt) + [Message("assistant", getattr(t, side))], tokenizer, tcfg,
+                                    record=f"{t.id} ({side})", pair=True)]
     return ids, groups, _encode_all(triples, encode, cfg.data)
 
 

@@ -7,6 +7,7 @@ text methods (random, bm25, dsir) read only the data; ``rds`` embeds texts with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +16,41 @@ import numpy as np
 from rose_select.checkpoints import read_warmup_checkpoints, warmup_epochs
 from rose_select.errors import ConfigError, DataError
 from rose_select.modeling import ModelSettings
+from rose_select.select.scoring import DIRECTIONS
+from rose_select.select.topk import count_for_fraction, select_balanced
 from rose_select.tokenization import TokenizeConfig
 
-METHODS = ("rose", "less", "random", "bm25", "rds", "dsir", "influence", "shapley", "full")
-GRADIENT_METHODS = ("rose", "less", "influence", "shapley")
+# Presets of ROSE variants (``rose`` itself is the paper's method, exactly): the validation
+# direction and the weight of the chosen-answer (LESS) direction added to it; see
+# ``scoring.validation_directions`` and the README section "Does it select better data?".
+VARIANTS = {"rose_plus": {"direction": "pairwise", "chosen_weight": 1.0},
+            "rose_ln": {"direction": "pairwise_ln", "chosen_weight": 0.0}}
+METHODS = ("rose", "less", "random", "bm25", "rds", "dsir", "influence", "shapley", "full", *VARIANTS)
+GRADIENT_METHODS = ("rose", "less", "influence", "shapley", *VARIANTS)
+
+
+# Options of the per-subtask gradient scores, with their defaults (the paper's method), and the
+# methods each applies to: a preset fixes its own direction and centring.
+ROSE_OPTIONS = {"direction": "pairwise", "chosen_weight": 0.0, "center": False, "standardize": False, "balanced": False}
+
+
+def applicable_options(method: str) -> tuple[str, ...]:
+    """The ``ROSE_OPTIONS`` that ``method`` uses (a run's select section applies them only there)."""
+    if method == "rose":
+        return tuple(ROSE_OPTIONS)
+    if method == "less":
+        return ("center", "standardize", "balanced")
+    if method in VARIANTS:
+        return ("standardize", "balanced")
+    return ()
+
+
+def method_settings(settings: "SelectSettings", method: str) -> dict:
+    """A run's select section for one method: every setting, with the options ``method`` does not
+    use reset to their defaults (so one section serves every method of a run)."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SelectSettings)}
+    unused = {k: v for k, v in ROSE_OPTIONS.items() if k not in applicable_options(method)}
+    return {**values, **unused}
 
 
 @dataclass
@@ -27,11 +59,18 @@ class SelectSettings:
 
     fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
     reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
+    direction: str = field(default="pairwise", metadata={"help": "rose: validation direction, pairwise (the paper: summed log-probs) | pairwise_ln (length-normalised; needs val_chosen/val_rejected stores)"})
+    chosen_weight: float = field(default=0.0, metadata={"help": "rose: add this times the unit chosen-answer SFT (LESS) direction to the pairwise one (needs val_chosen_features)"})
+    center: bool = field(default=False, metadata={"help": "rose/less: subtract the pool's mean feature (the warm-up momentum every Adam feature shares) before the cosine"})
+    standardize: bool = field(default=False, metadata={"help": "rose/less/variants: z-score each subtask's scores over the pool before the max"})
+    balanced: bool = field(default=False, metadata={"help": "rose/less/variants: subtask-balanced selection, round robin over subtasks instead of the global top-k"})
     rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last token"})
     damping: float = field(default=0.1, metadata={"help": "influence: damping as a fraction of the mean diagonal"})
     knn_k: int = field(default=10, metadata={"help": "shapley: K of KNN-Shapley"})
 
     def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.reduce not in ("max", "mean"):
             raise ConfigError(f"reduce must be max|mean, got {self.reduce!r}")
         if not 0.0 < self.fraction <= 1.0:
@@ -56,6 +95,8 @@ class SelectConfig(ModelSettings, SelectSettings):
     val_features: list[str] = field(default_factory=list, metadata={"help": "validation feature stores, one per checkpoint (pairwise for rose, sft_chosen for less)"})
     warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its checkpoints' mean learning rates give the checkpoint weights"})
     checkpoint_weights: list[float] | None = field(default=None, metadata={"help": "override the checkpoint weights"})
+    val_chosen_features: list[str] = field(default_factory=list, metadata={"help": "sft_chosen validation stores, one per checkpoint (rose variants)"})
+    val_rejected_features: list[str] = field(default_factory=list, metadata={"help": "sft_rejected validation stores, one per checkpoint (direction pairwise_ln)"})
     count: int | None = field(default=None, metadata={"help": "number to select (overrides fraction)"})
     quotas: dict | None = field(default=None, metadata={"help": "per-source quotas {source: fraction or count} (YAML)"})
     seed: int = field(default=0, metadata={"help": "seed (random, dsir)"})
@@ -71,6 +112,17 @@ class SelectConfig(ModelSettings, SelectSettings):
         super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        fixed = {**ROSE_OPTIONS, **VARIANTS.get(self.method, {})}  # what the method itself uses
+        unused = [k for k in ROSE_OPTIONS if getattr(self, k) not in (ROSE_OPTIONS[k], fixed[k])
+                  and k not in applicable_options(self.method)]
+        if unused:
+            raise ConfigError(f"{'/'.join(unused)}: not options of method {self.method!r} "
+                              f"(rose takes all of {list(ROSE_OPTIONS)}; less: center/standardize/balanced; "
+                              f"the presets {', '.join(VARIANTS)}: standardize/balanced)")
+        for key, value in VARIANTS.get(self.method, {}).items():  # a preset fixes its direction
+            setattr(self, key, value)
+        if self.balanced and self.quotas:
+            raise ConfigError("balanced selection and per-source quotas cannot be combined")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -135,16 +187,74 @@ def representations(model, tokenizer, encodings, *, pooling: str, batch_size: in
 
 # ------------------------------------------------------------------------------------- methods
 
-def _scores_gradient(cfg, pool, triples):
-    """rose / less: the same streamed cosine score; the stores decide which loss it is."""
-    from rose_select.select.scoring import score_stores
+def stores_needed(method: str, direction: str = "pairwise", chosen_weight: float = 0.0) -> set[str]:
+    """Validation stores a gradient method reads: ``pairwise``, ``sft_chosen``, ``sft_rejected``."""
+    if method in VARIANTS:
+        direction, chosen_weight = VARIANTS[method]["direction"], VARIANTS[method]["chosen_weight"]
+    elif method == "less":
+        return {"sft_chosen"}
+    elif method not in ("rose", "influence", "shapley"):
+        return set()
+    need = {"pairwise"} if direction == "pairwise" else {"sft_chosen", "sft_rejected"}
+    return need | ({"sft_chosen"} if chosen_weight else set())
 
-    _need_features(cfg)
+
+def _is_variant(cfg) -> bool:
+    return cfg.method != "less" and (cfg.direction != "pairwise" or cfg.chosen_weight > 0)
+
+
+def _variant_result(cfg, w):
+    """Scores with the validation vectors of a ROSE variant (``scoring.validation_directions``)."""
+    from rose_select.errors import StoreMismatchError
+    from rose_select.select.scoring import load_store_features, rose_scores, validation_directions
+
+    n = len(cfg.pool_features)
+    ln = cfg.direction == "pairwise_ln"
+    lists = {"pairwise": [] if ln else cfg.val_features,
+             "chosen": cfg.val_chosen_features if ln or cfg.chosen_weight else [],
+             "rejected": cfg.val_rejected_features if ln else []}
+    for key, paths in lists.items():
+        if paths and len(paths) != n:
+            raise ConfigError(f"{len(paths)} {key} validation stores for {n} pool stores (one per checkpoint)")
+    stores = {k: [load_store_features(p) for p in paths] if paths else None for k, paths in lists.items()}
+    first = next(s[0] for s in stores.values() if s)
+    for key, ss in stores.items():
+        for st in ss or []:
+            if st.ids != first.ids or st.groups != first.groups:
+                raise StoreMismatchError(f"the {key} validation store lists other triples than the others; "
+                                         "featurize every store on the same validation file")
+    vals = [validation_directions(cfg.direction, chosen_weight=cfg.chosen_weight,
+                                  **{k: (ss[i].features if ss else None) for k, ss in stores.items()})
+            for i in range(n)]
+    train = [load_store_features(p) for p in cfg.pool_features]
+    result = rose_scores([t.features for t in train], vals, w, first.groups, reduce=cfg.reduce,
+                         train_ids=train[0].ids, val_ids=first.ids, center=cfg.center)
+    return result, train[0].ids
+
+
+def _scores_gradient(cfg, pool, triples):
+    """rose / less (and rose variants): the same streamed cosine score; the stores decide which
+    loss it is. ``standardize`` z-scores each subtask's column before the max."""
+    from rose_select.select.scoring import reduce_groups, score_stores, standardize_groups
+
+    if not _is_variant(cfg):
+        _need_features(cfg)
+    elif not cfg.pool_features:
+        raise ConfigError(f"method {cfg.method!r} needs pool_features (feature stores)")
     w = lr_weights(cfg, len(cfg.pool_features))
-    result, ids = score_stores(cfg.pool_features, cfg.val_features, w, reduce=cfg.reduce)
+    if _is_variant(cfg):
+        result, ids = _variant_result(cfg, w)
+    else:
+        result, ids = score_stores(cfg.pool_features, cfg.val_features, w, reduce=cfg.reduce, center=cfg.center)
     if ids != [r.id for r in pool]:
         raise ConfigError(f"pool store rows do not match the pool file {cfg.pool} (featurize it again)")
-    return result.scores, result.per_group, result.group_names, {"checkpoint_weights": w.tolist()}
+    per_group, scores = result.per_group, result.scores
+    if cfg.standardize:
+        per_group = standardize_groups(per_group)
+        scores = reduce_groups(per_group, cfg.reduce)
+    extra = {"checkpoint_weights": w.tolist(), "direction": cfg.direction, "chosen_weight": cfg.chosen_weight,
+             "center": cfg.center, "standardize": cfg.standardize, "balanced": cfg.balanced}
+    return scores, per_group, result.group_names, extra
 
 
 def _require_dpo_scale(paths) -> None:
@@ -221,7 +331,7 @@ def _scores_text(cfg, pool, triples):
 
 SCORERS = {"rose": _scores_gradient, "less": _scores_gradient, "influence": _scores_influence,
            "shapley": _scores_shapley, "rds": _scores_rds, "random": _scores_text,
-           "bm25": _scores_text, "dsir": _scores_text}
+           "bm25": _scores_text, "dsir": _scores_text, **{v: _scores_gradient for v in VARIANTS}}
 
 
 def _fingerprint(cfg: SelectConfig) -> dict:
@@ -287,8 +397,11 @@ def run_select(cfg: SelectConfig) -> Path:
         kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
         triples = load_preferences(cfg.validation, **kw)
         scores, per_group, names, extra = SCORERS[cfg.method](cfg, pool, triples)
-        idx = select_top(scores, fraction=cfg.fraction, count=cfg.count, ids=[r.id for r in pool],
-                         sources=[r.source for r in pool], quotas=cfg.quotas)
+        if cfg.balanced:
+            idx = select_balanced(per_group, cfg.count or count_for_fraction(cfg.fraction, len(pool)))
+        else:
+            idx = select_top(scores, fraction=cfg.fraction, count=cfg.count, ids=[r.id for r in pool],
+                             sources=[r.source for r in pool], quotas=cfg.quotas)
 
     def fill(tmp: Path):
         write_selection(tmp, pool, scores, idx, per_group=per_group, group_names=names,
