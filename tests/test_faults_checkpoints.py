@@ -8,13 +8,18 @@ import json
 import shutil
 
 import pytest
-from killing import hidden_leftovers, run_killed, snapshot
+from killing import hidden_leftovers, one_thread, run_killed, snapshot
 from test_training import small_cfg
 
 from rose_select.errors import CheckpointError, ConfigError
 from rose_select.select.methods import lr_weights
 from rose_select.select.stage import SelectConfig
 from rose_select.training import WarmupConfig, run_warmup
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
