@@ -21,6 +21,7 @@ from rose_select.features.stage import FeaturizeConfig, run_featurize
 from rose_select.features.store import open_features
 from rose_select.hf_import import import_trainer_run, read_trainer_moments
 from rose_select.modeling import LoraSettings
+from rose_select.select.methods import warmup_lrs
 from rose_select.tokenization import TokenizeConfig, collate, encode_record
 
 from test_training import write_pool
@@ -56,7 +57,8 @@ def hf_run(tiny_model_dir, tmp_path_factory):
 
 def _features(model_dir, ckpt, pool, out):
     run_featurize(FeaturizeConfig(model=str(model_dir), checkpoint=str(ckpt), data=str(pool), loss="sft",
-                                  projection="none", batch_size=4, max_length=64, dtype="float32", output=str(out)))
+                                  projection="none", batch_size=4, tokenize=TokenizeConfig(max_length=64), store_dtype="float32",
+                                  output=str(out)))
     feats, _, rows = open_features(out)
     return np.asarray(feats), rows
 
@@ -107,6 +109,7 @@ def test_warmup_import_converts_a_trainer_run(tiny_model_dir, hf_run, tmp_path):
     log = json.loads((out / "lr_log.json").read_text())
     assert log["epoch_mean_lr"] == pytest.approx([np.mean(lrs[:3]), np.mean(lrs[3:6])])
     assert sum(log["checkpoint_weights"]) == pytest.approx(1.0)
+    assert warmup_lrs(str(out)) == pytest.approx(log["epoch_mean_lr"])  # what rose select reads
     theirs, _ = _features(tiny_model_dir, hf_run["last"], hf_run["pool"], tmp_path / "f_theirs")
     conv, _ = _features(tiny_model_dir, out / "ckpt-2", hf_run["pool"], tmp_path / "f_conv")
     assert np.array_equal(theirs, conv)

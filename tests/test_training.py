@@ -82,9 +82,11 @@ def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
     for e in (1, 2):
         ck = run / f"ckpt-{e}"
         assert {"adapter_model.safetensors", "adapter_config.json", "optimizer_state.safetensors",
-                "trainer_state.json", "lr_log.json", "train_log.json"} <= {p.name for p in ck.iterdir()}
-        assert json.loads((ck / "trainer_state.json").read_text())["global_step"] == 3 * e
-        assert len(json.loads((ck / "lr_log.json").read_text())["steps"]) == 3 * e  # the lrs live in the checkpoint
+                "trainer_state.json", "hf_trainer_state.json"} <= {p.name for p in ck.iterdir()}
+        state = json.loads((ck / "trainer_state.json").read_text())
+        assert state["step"] == 3 * e and [s["step"] for s in state["steps"]] == [3 * e - 2, 3 * e - 1, 3 * e]
+        hf = json.loads((ck / "hf_trainer_state.json").read_text())  # the Trainer's own, for resume
+        assert hf["global_step"] == 3 * e and len([h for h in hf["log_history"] if "learning_rate" in h]) == 3 * e
     # Adam moments load by canonical name, shapes match the LoRA parameters
     model = modeling.load_adapter(modeling.load_model(str(tiny_model_dir)), run / "ckpt-2")
     params = modeling.lora_parameters(model)
@@ -100,7 +102,6 @@ def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
     assert [s["epoch"] for s in log["steps"]] == [1, 1, 1, 2, 2, 2]
     assert log["epoch_mean_lr"] == pytest.approx([0.006, 0.004])
     assert log["checkpoint_weights"] == pytest.approx([0.6, 0.4])
-    assert log == json.loads((run / "ckpt-2" / "lr_log.json").read_text())
     # resume: drop the last checkpoint, rerun: the same bytes of weights and moments as uninterrupted
     full = adapter_tensors(run / "ckpt-2")
     full_opt = load_file(str(run / "ckpt-2" / "optimizer_state.safetensors"))
@@ -213,6 +214,9 @@ def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, one_thread):
     assert la == lb
     config = json.loads((tmp_path / "two" / "config.json").read_text())["config"]
     assert config["processes"] == 2 and config["engine"]
+    # resuming in another number of processes would change the per-step batch: refused
+    again = _rose(_warmup_argv(tiny_model_dir, pool, tmp_path / "two", batch_size=1))
+    assert again.returncode == 2 and "differing keys: ['processes']" in again.stderr, again.stderr[-2000:]
 
 
 def test_sigkill_then_resume_continues_the_schedule(tiny_model_dir, tmp_path, one_thread):

@@ -20,7 +20,8 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-from rose_select.checkpoint_format import publish_logs, step_log, write_dir_atomically, write_logs
+from rose_select import rundir
+from rose_select.checkpoints import HF_STATE, step_log, write_checkpoint
 from rose_select.errors import CheckpointError
 from rose_select.io import read_json, write_json
 from rose_select.modeling import canonical_name, load_optimizer_state, lora_parameters, save_adam_moments
@@ -112,7 +113,7 @@ def checkpoint_moments(ckpt_dir, model) -> dict:
 # --------------------------------------------------------------------------- Trainer state
 
 def _state(path: Path) -> SimpleNamespace:
-    """A ``trainer_state.json`` as an object with the fields ``write_logs`` reads."""
+    """A Trainer's ``trainer_state.json`` as an object with the fields ``step_log`` reads."""
     if not path.exists():
         raise CheckpointError(f"{path.parent}: no trainer_state.json (needed for the step and the lrs)")
     raw = read_json(path)
@@ -156,41 +157,45 @@ def _skeleton(model_name: str, ckpt: Path):
         return get_peft_model(AutoModelForCausalLM.from_config(config), lora)
 
 
-def _import_one(ckpt: Path, target: Path, model) -> None:
+def _import_one(ckpt: Path, target: Path, model, epoch: int) -> None:
+    """One Trainer checkpoint as ``ckpt-<epoch>/``: its adapter, its moments by name, the epoch's
+    steps and mean lr (the project's ``trainer_state.json``) and the Trainer's state beside them."""
     state = _state(ckpt / "trainer_state.json")
-    if not step_log(state.log_history, 1):
-        raise CheckpointError(f"{ckpt}/trainer_state.json: log_history has no step with a loss and a learning_rate, "
-                              "so no checkpoint weights (log the run with logging_steps=1)")
+    steps = [s for s in step_log(state) if s["epoch"] == epoch]
+    if not steps:
+        raise CheckpointError(f"{ckpt}/trainer_state.json: log_history has no step of epoch {epoch} with a loss "
+                              "and a learning_rate, so no checkpoint weight (log the run with logging_steps=1)")
     moments, meta = read_trainer_moments(ckpt, model)
 
     def fill(tmp: Path):
-        for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json"):
+        for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
             if (ckpt / name).exists():
                 (tmp / name).write_bytes((ckpt / name).read_bytes())
         save_adam_moments(tmp / "optimizer_state.safetensors", moments, step=state.global_step,
                           beta1=meta["beta1"], beta2=meta["beta2"], eps=meta["eps"])
-        write_logs(tmp, state, state.num_train_epochs, [])
+        (tmp / HF_STATE).write_bytes((ckpt / "trainer_state.json").read_bytes())
 
-    write_dir_atomically(target, fill)
+    write_checkpoint(target, fill, epoch=epoch, step=state.global_step, steps=steps, imported_from=str(ckpt))
 
 
 def import_trainer_run(source, output, *, model: str) -> Path:
     """Convert a LESS / Hugging Face Trainer run into warm-up checkpoints ``output/ckpt-<epoch>/``
-    (adapter, named Adam moments in safetensors, lr logs) and ``output/lr_log.json``.
-    Every imported checkpoint must end an epoch."""
+    (adapter, named Adam moments in safetensors, each epoch's lrs) plus ``lr_log.json`` and
+    ``train_log.json``. Every imported checkpoint must end an epoch."""
     ckpts, output = trainer_checkpoints(source), Path(output)
     skeleton = _skeleton(model, ckpts[0])
-    epochs = {}
+    epochs, states = {}, {}
     for ckpt in ckpts:
-        state = _state(ckpt / "trainer_state.json")
+        state = states[ckpt] = _state(ckpt / "trainer_state.json")
         per_epoch = max(1, state.max_steps // max(1, state.num_train_epochs))
         if state.global_step % per_epoch:
             raise CheckpointError(f"{ckpt}: step {state.global_step} is not the end of an epoch ({per_epoch} steps "
                                   "each); import checkpoints saved with save_strategy='epoch'")
         epochs[ckpt] = state.global_step // per_epoch
     for ckpt, epoch in epochs.items():
-        _import_one(ckpt, output / f"ckpt-{epoch}", skeleton)
-    publish_logs(output, output / f"ckpt-{max(epochs.values())}")
+        _import_one(ckpt, output / f"ckpt-{epoch}", skeleton, epoch)
+    last = states[ckpts[-1]]
+    rundir.write_logs(output, step_log(last), last.num_train_epochs, [])
     write_json(output / "imported.json", {"source": str(Path(source).resolve()), "model": model,
                                            "checkpoints": {str(k): v for k, v in epochs.items()}})
     return output
