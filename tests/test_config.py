@@ -18,7 +18,7 @@ from rose_select.pipeline import RunConfig, eval_config, featurize_jobs, select_
 from rose_select.select import methods as select_methods
 from rose_select.select.stage import METHODS, SelectConfig, run_select
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import TrainConfig
+from rose_select.train.stage import TrainConfig
 
 TOKENIZE = {"max_length": 77, "template": "less", "truncation": "keep_start"}
 

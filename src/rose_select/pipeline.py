@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rose_select.checkpoints import read_warmup_checkpoints
+from rose_select.train.checkpoints import read_warmup_checkpoints
 from rose_select.config import compose, save_yaml, section_fields, to_dict
 from rose_select.data.builtin import BUILTIN, resolve_input
 from rose_select.errors import ConfigError, DataError
@@ -27,7 +27,7 @@ from rose_select.modeling import LoraSettings, ModelSettings
 from rose_select.select.methods import GRADIENT_METHODS, METHODS, VARIANTS, stores_needed
 from rose_select.select.stage import SelectConfig, SelectSettings, method_settings, run_select
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
+from rose_select.train.stage import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
 
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.losses import IGNORE_INDEX, dpo_loss, sft_loss_from_packed, sum_per_row
-from rose_select.hf_import import checkpoint_moments
+from rose_select.train.hf_import import checkpoint_moments
 from rose_select.modeling import lora_parameters
 
 LossFn = Callable[[object, dict], Tensor]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from rose_select.config import require
 from rose_select.errors import ConfigError, DataError, NonFiniteError
 from rose_select.features.joint import REFS, load_reference, pair_scale
 from rose_select.features.sink import outputs
@@ -83,9 +84,7 @@ class FeatureSettings:
              "adam_beta1/adam_beta2 must lie in [0, 1) and adam_eps be > 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         getattr(super(), "__post_init__", lambda: None)()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rose_select.checkpoints import read_warmup_checkpoints, warmup_epochs
+from rose_select.train.checkpoints import read_warmup_checkpoints, warmup_epochs
 from rose_select.errors import ConfigError, StoreMismatchError
 from rose_select.io import read_json
 from rose_select.modeling import load_adapter, load_model, load_tokenizer

@@ -37,8 +37,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rose_select import rundir
-from rose_select.checkpoints import HF_STATE, STATE, completed_epochs, load_moments_into, step_log, write_checkpoint
+from rose_select.train import rundir
+from rose_select.train.checkpoints import HF_STATE, STATE, completed_epochs, load_moments_into, step_log, write_checkpoint
+from rose_select.config import require
 from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, write_dir_atomically, write_json
 from rose_select.modeling import LoraSettings, ModelSettings
@@ -73,9 +74,7 @@ class Schedule:
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         getattr(super(), "__post_init__", lambda: None)()
 
 
@@ -110,9 +109,7 @@ class TrainConfig(ModelSettings, Schedule):
             (self.mixed_precision in ("auto", "none", "bf16", "fp16"),
              f"mixed_precision must be auto|none|bf16|fp16, got {self.mixed_precision!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         chosen = [name for name, on in (("selection", self.selection), ("fraction", self.fraction is not None),
                                         ("full", self.full)) if on]
         if len(chosen) > 1:
@@ -250,7 +247,7 @@ def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: 
     every epoch ends in a complete ``run_dir/ckpt-<epoch>/``. Returns (trainer, skipped ids)."""
     import torch
 
-    from rose_select.engine import Collator, EpochCallback, Examples, LoraSFTTrainer, ProgressBar, quiet_callbacks
+    from rose_select.train.engine import Collator, EpochCallback, Examples, LoraSFTTrainer, ProgressBar, quiet_callbacks
     from rose_select.modeling import attach_lora, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -370,7 +367,7 @@ def handle_cli(command: str, args) -> int | None:
 
     cls = WarmupConfig if command == "warmup" else TrainConfig
     if getattr(args, "import_dir", None):
-        from rose_select.hf_import import import_trainer_run
+        from rose_select.train.hf_import import import_trainer_run
 
         cfg = from_args(cls, args, args.config)
         print(import_trainer_run(args.import_dir, cfg.output, model=cfg.model))

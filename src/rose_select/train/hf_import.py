@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-from rose_select import rundir
-from rose_select.checkpoints import HF_STATE, step_log, write_checkpoint
+from rose_select.train import rundir
+from rose_select.train.checkpoints import HF_STATE, step_log, write_checkpoint
 from rose_select.errors import CheckpointError
 from rose_select.io import read_json, write_json
 from rose_select.modeling import canonical_name, load_optimizer_state, lora_parameters, save_adam_moments
