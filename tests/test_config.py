@@ -121,7 +121,7 @@ def test_run_select_options_reach_the_methods_that_use_them(tmp_path):
     options = lambda c: (c.direction, c.chosen_weight, c.center, c.standardize, c.balanced)
     assert options(sel["rose"]) == ("pairwise_ln", 0.5, True, True, True)
     assert options(sel["less"]) == ("pairwise", 0.0, True, True, True)
-    assert options(sel["rose_plus"]) == ("pairwise", 1.0, False, True, True)
+    assert options(sel["rose_plus"]) == ("pairwise", 2.0, True, True, True)  # the preset
     assert options(sel["bm25"]) == options(sel["influence"]) == ("pairwise", 0.0, False, False, False)
     with pytest.raises(ConfigError, match="not options of method 'bm25'"):
         SelectConfig(method="bm25", standardize=True)

@@ -267,13 +267,16 @@ def _select_once(scfg) -> None:
 
 
 def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
-    """(row label, method, select options): every method as configured, and the ROSE methods
-    also with per-subtask standardisation (``+std``) and subtask-balanced selection (``+balanced``)."""
+    """(row label, method, select options): every method as configured, the ROSE methods also with
+    per-subtask standardisation (``+std``) and subtask-balanced selection (``+balanced``), and the
+    paper's ``rose`` with centred pool features (``+center``)."""
     from rose_select.select.stage import VARIANTS
 
     rows = []
     for m in methods:
         rows.append((m, m, {}))
+        if m == "rose":
+            rows.append(("rose+center", m, {"center": True}))
         if m == "rose" or m in VARIANTS:
             rows += [(f"{m}+std", m, {"standardize": True}), (f"{m}+balanced", m, {"balanced": True})]
     return rows
