@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rose_select.errors import ConfigError
+from rose_select.tokenization import TokenizeConfig
 from rose_select.features.gradients import loop_features, pairwise_loss_fn, sft_loss_fn
 from rose_select.features.joint import joint_features
 from rose_select.features.stage import FeaturizeConfig, run_featurize
@@ -95,7 +96,7 @@ def files(tmp_path_factory):
 
 def _cfg(tiny_model_dir, ckpt, data, out, **kw):
     return FeaturizeConfig(**{**dict(model=str(tiny_model_dir), checkpoint=str(ckpt), data=str(data),
-                                     output=str(out), dim=48, batch_size=3, max_length=64, dtype="float32"), **kw})
+                                     output=str(out), dim=48, batch_size=3, tokenize=TokenizeConfig(max_length=64), store_dtype="float32"), **kw})
 
 
 def _feats(path):
@@ -169,10 +170,10 @@ def test_pipeline_makes_one_validation_pass(tmp_path, methods, jobs, ref):
     from pathlib import Path
 
     from rose_select.config import from_dict
-    from rose_select.pipeline import RunConfig, _featurize_jobs
+    from rose_select.pipeline import RunConfig, featurize_jobs
 
     cfg = from_dict(RunConfig, {"select": {"methods": methods}})
-    got = _featurize_jobs(cfg, tmp_path, tmp_path, "pool.jsonl", "val.json", [tmp_path / "ckpt-1"])
+    got = featurize_jobs(cfg, tmp_path, tmp_path, "pool.jsonl", "val.json", [tmp_path / "ckpt-1"])
     assert [k.split("/")[-1] for k, _ in got] == jobs
     val = got[-1][1]
     if len(jobs[-1].split("+")) == 2:

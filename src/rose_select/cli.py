@@ -12,7 +12,7 @@ import os
 import sys
 
 from rose_select import __version__
-from rose_select.runtime import configure_cpu
+from rose_select.runtime import configure_cpu, quiet_libraries
 
 # command -> (module, config class, run function, one-line help)
 STAGES = {
@@ -118,7 +118,7 @@ def _answer_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rose_select.errors import RoseError
+    from rose_select.errors import RoseError, describe_os_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command in STAGES or command == "answer":
+            quiet_libraries()  # before transformers loads: it reads its verbosity then
             configure_cpu()  # before torch loads: OpenMP reads its wait policy then
         if command in STAGES:
             return _stage_main(command, rest)
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             return _answer_main(rest)
     except RoseError as e:
         print(f"rose {command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only directory, a file where a directory should be
+        print(f"rose {command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     top.parse_args(argv)  # unknown command: argparse prints the choices and exits 2
     return 2

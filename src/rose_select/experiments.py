@@ -14,6 +14,8 @@ so an experiment costs one warm-up and one pool featurization per model. Each ex
 - ``figure4``  number of validation shots: the first k prompts per subtask of ``shots_source``,
                evaluated on one fixed held-out set (the prompts beyond the largest k).
 - ``table9``   transfer: select with ``base.model``, train and evaluate each of ``models``.
+- ``quality``  selection benchmark with known ground truth: target pairs planted in a generic pool
+               (``quality.py``); selection only, no training; ``--seeds N`` for intervals.
 
 The table1, subtasks and figure3 experiments use the same runs: whichever runs first pays for them.
 """
@@ -28,14 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from rose_select.errors import ConfigError
-from rose_select.pipeline import BUILTIN, RunConfig, eval_config, markdown
+from rose_select.data.builtin import BUILTIN
+from rose_select.pipeline import RunConfig, eval_config
+from rose_select.tables import markdown
 
-EXPERIMENTS = ("table1", "subtasks", "figure3", "table2", "table3", "figure4", "table9")
+EXPERIMENTS = ("table1", "subtasks", "figure3", "table2", "table3", "figure4", "table9", "quality")
 DEFAULT_TARGETS = [f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json",
                    f"{BUILTIN}rose_data/validation/se/se_2_shot/se_2_shot_preference.json",
                    f"{BUILTIN}rose_data/validation/hh/hh_1_shot/hh_1_shot_preference.json"]
 DEFAULT_METHODS = {"table1": None, "subtasks": None, "figure3": None, "table2": ["rose", "less", "random"],
-                   "table3": ["rose"], "figure4": ["rose", "less", "random"], "table9": ["rose", "random"]}
+                   "table3": ["rose"], "figure4": ["rose", "less", "random"], "table9": ["rose", "random"],
+                   "quality": ["rose", "rose_plus", "rose_ln", "less", "random", "bm25", "rds", "dsir", "influence", "shapley"]}
 METRICS = ("rewards/accuracies", "rewards/margins", "logps/accuracy")
 
 
@@ -50,6 +55,10 @@ class ExperimentConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 5, 10], metadata={"help": "figure4: shots per subtask"})
     shots_source: str = field(default=f"{BUILTIN}rose_data/validation/shp/shp_20_shot/shp_20_shot_preference.json", metadata={"help": "figure4: preference file the k-shot sets are cut from"})
     output_dir: str = field(default="runs/experiments", metadata={"help": "experiment directory (runs and tables)"})
+    seeds: int = field(default=1, metadata={"help": "quality: seeds (planted prompts, warm-up subset, projection); mean and 95% interval"})
+    quick: bool = field(default=False, metadata={"help": "quality: a small pool (30 generic records, 1 planted prompt per subtask)"})
+    generic_records: int = field(default=200, metadata={"help": "quality: generic pool records sampled from base.pool"})
+    plant_per_subtask: dict = field(default_factory=lambda: {"shp": 3, "se": 5, "hh": 10}, metadata={"help": "quality: planted prompts per subtask, by set name (YAML)"})
 
     def __post_init__(self):
         from rose_select.select.stage import METHODS
@@ -63,6 +72,8 @@ class ExperimentConfig:
             raise ConfigError(f"{self.experiment} needs models (base models to compare / to transfer to)")
         if self.heldouts and len(self.heldouts) != len(self.targets):
             raise ConfigError(f"{len(self.heldouts)} held-out files for {len(self.targets)} targets")
+        if self.seeds < 1 or self.generic_records < 0:
+            raise ConfigError(f"seeds must be >= 1 and generic_records >= 0, got {self.seeds}, {self.generic_records}")
         if self.experiment == "figure4" and (not self.shots or min(self.shots) < 1):
             raise ConfigError(f"figure4 needs shots >= 1, got {self.shots}")
 
@@ -314,7 +325,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
     """Select with ``base.model``; train each of ``models`` on those selections (same recipe) and
     evaluate it against its own base model on the same held-out pairs."""
     from rose_select.evaluation import run_evaluate
-    from rose_select.pipeline import _stage_configs, heldout_triples, resolve_input
+    from rose_select.pipeline import heldout_triples, resolve_input, training_configs
     from rose_select.training import run_train
 
     source_run = _run(cfg, f"select-{_slug(cfg.base.model)}-{target_name(cfg.base.validation)}",
@@ -326,7 +337,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
         if model == cfg.base.model:
             continue
         base_cfg = replace(cfg.base, model=model)
-        _, train_cfg = _stage_configs(base_cfg, source_run, pool, "")
+        _, train_cfg = training_configs(base_cfg, source_run, pool)
         root = out / "transfer" / _slug(model)
         for m in ["base", *cfg.method_list()]:
             adapter = None
@@ -347,8 +358,24 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
 
 
-RUNNERS = {"table1": table1, "subtasks": subtasks, "figure3": figure3, "table2": table2, "table3": table3,
+def quality(cfg: ExperimentConfig, out: Path) -> dict:
+    from rose_select.quality import quality as run_quality
+
+    return run_quality(cfg, out)
+
+
+RUNNERS = {"quality": quality, "table1": table1, "subtasks": subtasks, "figure3": figure3, "table2": table2, "table3": table3,
            "figure4": figure4, "table9": table9}
+
+
+def add_cli_arguments(command: str, parser) -> None:
+    parser.add_argument("name", nargs="?", choices=EXPERIMENTS, help="the experiment (same as --experiment)")
+
+
+def handle_cli(command: str, args) -> int | None:
+    if args.name:
+        args.experiment = args.name
+    return None
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:

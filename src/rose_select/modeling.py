@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,26 @@ class LoraSettings:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ConfigError("lora.target_modules must not be empty")
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class ModelSettings:
+    """The base model a stage loads, its weights dtype and the device; every stage config and the
+    run config extend this, so the three are declared once."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "base model: HF id, local dir, or smollm2-135m"})
+    model_dtype: str = field(default="float32", metadata={"help": "model weights dtype: " + " | ".join(MODEL_DTYPES)})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+
+    def __post_init__(self):
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"model_dtype must be {'|'.join(MODEL_DTYPES)}, got {self.model_dtype!r}")
+        if not self.model:
+            raise ConfigError("model: a model name or path is required")
+        getattr(super(), "__post_init__", lambda: None)()
 
 
 def cache_dir() -> Path:
@@ -92,6 +113,16 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def model_identity(name: str) -> str:
+    """What a model *is*, for fingerprints: ``sha256:<content hash>`` of a local directory (the
+    same for a relative or absolute path, a copy or a move; different when the weights at that
+    path are replaced), else the hub id as given."""
+    from rose_select.io import content_fingerprint
+
+    path = Path(resolve_model(name)).expanduser()
+    return f"sha256:{content_fingerprint(path)}" if path.is_dir() else name
+
+
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not Path(name).exists()
@@ -131,7 +162,9 @@ def attach_lora(model, lora: LoraSettings):
 
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated property: noise, not news
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = True):
@@ -205,9 +238,9 @@ def load_optimizer_state(ckpt_dir: str | Path, names) -> tuple[dict, dict]:
     path = ckpt_dir / "optimizer_state.safetensors"
     if not path.exists():
         found = sorted(p.name for p in ckpt_dir.glob("*")) if ckpt_dir.exists() else "directory missing"
-        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors, needed for Adam-preconditioned "
-                              f"features (found: {found}). Pickled optimizer.pt/optimizer.bin files are not "
-                              "read; re-run the warm-up with rose, or featurize with --adam false.")
+        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors (nor a Trainer's optimizer.pt/.bin), "
+                              f"needed for Adam-preconditioned features (found: {found}); re-run the warm-up "
+                              "with rose, or featurize with --adam false.")
     with safe_open(str(path), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata() or {}
         missing = [n for n in names if f"exp_avg/{n}" not in keys or f"exp_avg_sq/{n}" not in keys]

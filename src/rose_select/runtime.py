@@ -1,4 +1,5 @@
-"""Process-wide CPU settings: how many intra-op threads, and how idle threads wait.
+"""What every stage needs from its surroundings: the torch device, whether to show progress,
+and the CPU settings (how many intra-op threads, and how idle threads wait).
 
 ``configure_cpu()`` runs once, in the ``rose`` command before torch is imported (the OpenMP
 runtime reads its environment when torch loads it). What it chooses, and why (README,
@@ -64,3 +65,41 @@ def configure_cpu(environ=None) -> dict:
     if environ is None:
         _CHOSEN.update(chosen)
     return chosen
+
+def resolve_device(device: str = "auto", local_rank: int | None = None):
+    """The ``torch.device`` for a device setting: ``auto`` picks CUDA, then MPS, then the CPU; in a
+    multi-process run a CUDA device is ``cuda:LOCAL_RANK``."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if local_rank is not None and dev.type == "cuda" else dev
+
+
+def progress_disabled() -> bool:
+    """``ROSE_NO_PROGRESS`` set to anything but empty or ``0`` hides progress bars (CI, logs)."""
+    return os.environ.get("ROSE_NO_PROGRESS", "") not in ("", "0")
+
+
+# Third-party messages that say nothing a rose user can act on: weight-loading progress bars and
+# the deprecation notices the libraries raise at each other (transformers <-> peft <-> torch).
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def quiet_libraries(environ=None) -> None:
+    """Keep the console to rose's own output: run before transformers is imported (it reads these
+    at import). Settings the user made win; rose's own progress bars are unaffected."""
+    import warnings
+
+    env = os.environ if environ is None else environ
+    for key, value in _QUIET_ENV.items():
+        env.setdefault(key, value)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|torch|trl)(\.|$)")

@@ -1,14 +1,9 @@
 """LoRA SFT training: the warm-up run (ROSE/LESS step 1) and the final fine-tune (step 7).
 
-One plain PyTorch loop serves both. The loss is exactly the one the featurizer differentiates:
-per example, the mean token cross-entropy over response tokens
-(``losses.sft_loss_per_example``), averaged over the examples of an optimizer step (with gradient
-accumulation the average runs over the whole effective batch, not over micro-batches).
-
-Optimizer: AdamW (betas 0.9/0.999, eps 1e-8, the defaults the featurizer's Adam
-preconditioning assumes), gradient clipping, and a linear schedule with warm-up computed in
-closed form from the step index (``linear_schedule_lr``, the same formula as transformers'
-``get_linear_schedule_with_warmup``), so it needs no saved scheduler state.
+Both run on Hugging Face's ``Trainer`` (``engine.py``: the loss, which is exactly the one the
+featurizer differentiates, resume, seeding), in one process or data-parallel under ``torchrun``
+(``rose warmup --nproc N``). This module holds the configuration, the run directory and the
+stages; the checkpoint format is ``checkpoints.py``.
 
 Warm-up artifacts (``run_warmup``), in the run directory:
   ``config.json``            resolved config + fingerprint (a rerun with other settings is refused)
@@ -16,23 +11,25 @@ Warm-up artifacts (``run_warmup``), in the run directory:
   ``ckpt-<epoch>/``          ``adapter_model.safetensors`` + ``adapter_config.json`` (peft format),
                              ``optimizer_state.safetensors`` (``exp_avg/<name>``,
                              ``exp_avg_sq/<name>``, metadata step/betas/eps), ``trainer_state.json``
-  ``lr_log.json``            per-step lr, ``epoch_mean_lr``, ``checkpoint_weights``
-  ``train_log.json``         loss per optimizer step
+                             (the epoch's steps with lr and loss, and their mean lr: see
+                             ``checkpoints.py``), ``hf_trainer_state.json`` (the Trainer's own state,
+                             what resume reads; its ``log_history`` has every step so far)
+  ``lr_log.json``            per-step lr, ``epoch_mean_lr``, ``checkpoint_weights`` (derived from
+                             the checkpoints, rewritten by every rerun)
+  ``train_log.json``         loss per optimizer step (likewise derived)
 
-Resume: every checkpoint directory is written under a temporary name and renamed, so a
+Resume: every checkpoint directory is written complete under a temporary name and renamed, so a
 ``ckpt-<e>`` either is complete or does not exist. A rerun with the same config restarts after the
-last complete checkpoint: adapter weights and Adam moments (and step) are loaded by canonical
-parameter name, and the schedule position follows from the step count. All randomness of an
-epoch (data order, LoRA dropout) is drawn from generators seeded by ``(seed, epoch)`` at the start
-of that epoch, so a resumed run reproduces the uninterrupted one exactly (up to the
-non-determinism of the device's kernels).
+last complete checkpoint: the Trainer resumes from it (adapter, state), the Adam moments are put
+back by canonical parameter name and the schedule continues at the step. Data order and dropout
+are seeded per epoch, so a resumed run reproduces the uninterrupted one (on CPU exactly; on GPU up
+to the kernels' non-determinism). The number of processes and the engine are part of the
+fingerprint: they change the per-step batch, or the data order.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,29 +37,24 @@ from typing import Sequence
 
 import numpy as np
 
-from rose_select.errors import CheckpointError, ConfigError, DataError, NonFiniteError, StoreMismatchError
-from rose_select.modeling import LoraSettings
+from rose_select import rundir
+from rose_select.checkpoints import HF_STATE, STATE, completed_epochs, load_moments_into, step_log, write_checkpoint
+from rose_select.errors import ConfigError, DataError
+from rose_select.io import read_json, write_dir_atomically, write_json
+from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.records import InstructionRecord
 from rose_select.tokenization import TokenizeConfig
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-# Keys of the config that do not change the result (left out of the fingerprint).
-_NOT_FINGERPRINTED = ("output", "device", "save_every_epoch")
+ENGINE = "hf-trainer-1"  # in the fingerprint: runs of the former hand-written loop are not resumed
 
 
 @dataclass
-class TrainConfig:
-    """LoRA SFT on a pool subset: a selection file, a random fraction, or the full pool."""
+class Schedule:
+    """The optimisation schedule: the ``warmup`` and ``train`` sections of a run."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "base model: HF id, local dir, or smollm2-135m"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    data: str = field(default="", metadata={"help": "instruction pool file (any format data.load_pool reads)"})
-    data_format: str = field(default="auto", metadata={"help": "pool format (auto: detect)"})
-    selection: str | None = field(default=None, metadata={"help": "selected.jsonl to train on (records in the pool's own format)"})
-    fraction: float | None = field(default=None, metadata={"help": "train on a seeded random fraction of the pool"})
-    full: bool = field(default=False, metadata={"help": "train on the whole pool"})
     epochs: int = field(default=4, metadata={"help": "training epochs"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear lr warm-up"})
@@ -70,13 +62,6 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=32, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    seed: int = field(default=42, metadata={"help": "seed of the subset, LoRA init, data order and dropout"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype: float32 | bfloat16 | float16"})
-    output: str = field(default="runs/train", metadata={"help": "run directory"})
-    save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
-    limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
-    on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
 
     def __post_init__(self):
         checks = [
@@ -87,10 +72,43 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclass
+class TrainConfig(ModelSettings, Schedule):
+    """LoRA SFT on a pool subset: a selection file, a random fraction, or the full pool."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    data: str = field(default="", metadata={"help": "instruction pool file (any format rose_select.data.load_pool reads)"})
+    data_format: str = field(default="auto", metadata={"help": "pool format (auto: detect)"})
+    selection: str | None = field(default=None, metadata={"help": "selected.jsonl to train on (records in the pool's own format)"})
+    fraction: float | None = field(default=None, metadata={"help": "train on a seeded random fraction of the pool"})
+    full: bool = field(default=False, metadata={"help": "train on the whole pool"})
+    seed: int = field(default=42, metadata={"help": "seed of the subset, LoRA init, data order and dropout"})
+    output: str = field(default="runs/train", metadata={"help": "run directory"})
+    save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
+    limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
+    on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA with float32 weights) | none | bf16 | fp16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory, more compute)"})
+    report_to: str = field(default="none", metadata={"help": "Trainer logging integrations: none | all | tensorboard,wandb,..."})
+
+    RENAMED = {"dtype": "model_dtype"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
             (self.fraction is None or 0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
-            (self.dtype in ("float32", "bfloat16", "float16", "float64"), f"dtype must be float32|bfloat16|float16|float64, got {self.dtype!r}"),
             (self.on_too_long in ("error", "skip"), f"on_too_long must be error|skip, got {self.on_too_long!r}"),
+            (self.mixed_precision in ("auto", "none", "bf16", "fp16"),
+             f"mixed_precision must be auto|none|bf16|fp16, got {self.mixed_precision!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,86 +123,22 @@ class TrainConfig:
 class WarmupConfig(TrainConfig):
     """The warm-up run: a random 5% of the pool, a checkpoint with Adam moments per epoch."""
 
-    fraction: float | None = field(default=0.05, metadata={"help": "seeded random fraction of the pool (paper: 0.05)"})
+    fraction: float | None = field(default=None, metadata={"help": "seeded random fraction of the pool (default and paper: 0.05; none with full or selection)"})
     output: str = field(default="runs/warmup", metadata={"help": "run directory"})
     save_every_epoch: bool = field(default=True, metadata={"help": "write ckpt-<epoch>/ after every epoch (needed by featurize)"})
 
+    def __post_init__(self):
+        if self.fraction is None and not self.full and not self.selection:
+            self.fraction = 0.05  # the default applies only when no other subset is chosen
+        super().__post_init__()
+
 
 # ---------------------------------------------------------------------------- small pure helpers
-
-def linear_schedule_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """lr of optimizer step ``step`` (0-based): linear warm-up from 0, then linear decay to 0."""
-    if step < warmup_steps:
-        return base_lr * step / max(1, warmup_steps)
-    return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def warmup_steps_for(total_steps: int, ratio: float) -> int:
-    return math.ceil(total_steps * ratio)
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps per epoch; a partial accumulation at the end of an epoch is one more step."""
-    return math.ceil(math.ceil(n_examples / batch_size) / grad_accum)
-
-
-def epoch_batches(n_examples: int, batch_size: int, grad_accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """The epoch's data order: optimizer steps, each a list of micro-batches of example indices."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_examples).tolist()
-    micro = [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
-    return [micro[i:i + grad_accum] for i in range(0, len(micro), grad_accum)]
-
 
 def choose_subset(n: int, fraction: float, seed: int) -> list[int]:
     """Sorted indices of a seeded random ``fraction`` of ``n`` items (at least one)."""
     k = max(1, round(fraction * n))
     return sorted(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False).tolist())
-
-
-def epoch_mean_lrs(steps: Sequence[dict], epochs: int) -> list[float]:
-    """Mean lr of the logged steps of each epoch (1-based epochs)."""
-    out = []
-    for e in range(1, epochs + 1):
-        lrs = [s["lr"] for s in steps if s["epoch"] == e]
-        out.append(float(np.mean(lrs)) if lrs else 0.0)
-    return out
-
-
-def lr_log(steps: Sequence[dict], epochs: int) -> dict:
-    means = epoch_mean_lrs(steps, epochs)
-    total = sum(means)
-    weights = [m / total for m in means] if total > 0 else [1.0 / len(means)] * len(means)
-    return {"steps": list(steps), "epoch_mean_lr": means, "checkpoint_weights": weights}
-
-
-def _epoch_torch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.default_rng([seed, epoch, 1]).integers(0, 2**63 - 1))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def progress_disabled() -> bool:
-    return os.environ.get("ROSE_NO_PROGRESS", "") not in ("", "0")
-
-
-# ---------------------------------------------------------------------------- loss
-
-def per_example_loss(model, batch: dict):
-    """Response-only SFT loss of every example of a collated batch: ``[B]`` mean token CE; the
-    very function the featurizer differentiates (output head at response positions only)."""
-    from rose_select.features.gradients import sft_loss_fn
-
-    return sft_loss_fn(model, batch)
 
 
 # ---------------------------------------------------------------------------- data
@@ -219,207 +173,134 @@ def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfi
         try:
             encoded.append(encode_record(rec, tokenizer, cfg.tokenize))
             ids.append(rec.id)
-        except DataError:
-            if cfg.on_too_long == "error":
-                raise
+        except DataError as e:
+            if cfg.on_too_long == "error":  # tokenisation knows the record; name the file too
+                raise DataError(f"{e.problem} (or train with on_too_long=skip)", path=e.path or cfg.selection
+                                or cfg.data, record=e.record, field=e.field) from None
             skipped.append(rec.id)
     if not encoded:
         raise DataError("no trainable example (every example lost its response to truncation)")
     return encoded, ids, skipped
 
 
-# ---------------------------------------------------------------------------- run directory
+# ---------------------------------------------------------------------------- checkpoints
 
-def _fingerprint(cfg: TrainConfig, source: dict, ids: Sequence[str]) -> tuple[dict, str]:
-    from rose_select.config import to_dict
-    from rose_select.io import sha256_json
-
-    resolved = to_dict(cfg)
-    key = {k: v for k, v in resolved.items() if k not in _NOT_FINGERPRINTED}
-    key.update(source=source, ids_sha256=sha256_json(list(ids)))
-    return resolved, sha256_json(key)
-
-
-def _check_or_write_config(run_dir: Path, resolved: dict, fingerprint: str) -> None:
-    from rose_select.io import read_json, write_json
-
-    path = run_dir / "config.json"
-    if path.exists():
-        old = read_json(path)
-        if old.get("fingerprint") != fingerprint:
-            old_cfg = old.get("config", {})
-            diff = sorted(k for k in set(old_cfg) | set(resolved)
-                          if k not in _NOT_FINGERPRINTED and old_cfg.get(k) != resolved.get(k))
-            raise StoreMismatchError(
-                f"{run_dir} holds a run with other settings (differing keys: {diff or 'the data'}); "
-                "use a new output directory or delete this one")
-        return
-    write_json(path, {"config": resolved, "fingerprint": fingerprint})
-
-
-def completed_epochs(run_dir: Path) -> list[int]:
-    """Epochs with a complete ``ckpt-<epoch>/`` (checkpoints are written atomically)."""
-    out = []
-    for p in Path(run_dir).glob("ckpt-*"):
-        tail = p.name.removeprefix("ckpt-")
-        if p.is_dir() and tail.isdigit() and (p / "trainer_state.json").exists():
-            out.append(int(tail))
-    return sorted(out)
-
-
-def _write_dir_atomically(target: Path, fill) -> None:
-    """Call ``fill(tmp_dir)``, then rename the temporary directory onto ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        fill(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_checkpoint(ckpt_dir: Path, model, optimizer, *, epoch: int, step: int, extra: dict | None = None) -> None:
-    from rose_select.io import write_json
+def save_checkpoint(ckpt_dir: Path, model, optimizer, state, *, extra: dict | None = None) -> None:
+    """``ckpt-<epoch>/`` of the epoch a Trainer ``state`` just finished: adapter, Adam moments by
+    name, the epoch's steps (``trainer_state.json``) and the Trainer's own state, renamed whole."""
     from rose_select.modeling import save_optimizer_state
+
+    per_epoch = max(1, state.max_steps // max(1, int(state.num_train_epochs)))
+    epoch, steps = state.global_step // per_epoch, step_log(state)
 
     def fill(tmp: Path):
         model.save_pretrained(str(tmp))
-        save_optimizer_state(tmp / "optimizer_state.safetensors", model, optimizer, step=step)
-        write_json(tmp / "trainer_state.json", {"epoch": epoch, "step": step, **(extra or {})})
+        save_optimizer_state(tmp / "optimizer_state.safetensors", model, optimizer, step=state.global_step)
+        state.save_to_json(str(tmp / HF_STATE))
 
-    _write_dir_atomically(Path(ckpt_dir), fill)
-
-
-def load_checkpoint_into(ckpt_dir: Path, model, optimizer) -> int:
-    """Load adapter weights and Adam moments (by canonical name) into a fresh model/optimizer;
-    returns the optimizer step the checkpoint was taken at."""
-    import torch
-    from safetensors.torch import load_file
-
-    from rose_select.modeling import canonical_name, lora_parameters, load_optimizer_state
-
-    params = lora_parameters(model)
-    weights_path = Path(ckpt_dir) / "adapter_model.safetensors"
-    if not weights_path.exists():
-        raise CheckpointError(f"{ckpt_dir}: no adapter_model.safetensors")
-    stored = {canonical_name(k): v for k, v in load_file(str(weights_path)).items()}
-    missing = [n for n in params if n not in stored]
-    if missing:
-        raise CheckpointError(f"{weights_path}: lacks {len(missing)} LoRA parameters, e.g. {missing[:3]}")
-    moments, meta = load_optimizer_state(ckpt_dir, list(params))
-    step = int(meta.get("step", 0))
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(stored[name].to(p.dtype))
-            m, v = moments[name]
-            optimizer.state[p] = {"step": torch.tensor(float(step)),
-                                  "exp_avg": m.to(device=p.device, dtype=p.dtype),
-                                  "exp_avg_sq": v.to(device=p.device, dtype=p.dtype)}
-    return step
+    mine = [s for s in steps if s["epoch"] == epoch]
+    write_checkpoint(ckpt_dir, fill, epoch=epoch, step=state.global_step, steps=mine,
+                     steps_per_epoch=per_epoch, total_steps=state.max_steps,
+                     epoch_mean_loss=float(np.mean([s["loss"] for s in mine])) if mine else 0.0, **(extra or {}))
 
 
-# ---------------------------------------------------------------------------- the loop
+def _resume_view(ckpt: Path, tmp: Path) -> Path:
+    """A directory to hand the Trainer as ``resume_from_checkpoint``: links to the checkpoint's
+    files, with the Trainer's state under the name the Trainer reads (``trainer_state.json``
+    itself is the project's record of the epoch)."""
+    for f in ckpt.iterdir():
+        if f.name not in (STATE, HF_STATE):
+            os.symlink(f.resolve(), tmp / f.name)
+    (tmp / STATE).write_bytes((ckpt / HF_STATE).read_bytes())
+    return tmp
 
-def _build(cfg: TrainConfig):
-    import torch
 
-    from rose_select.modeling import attach_lora, load_model, load_tokenizer
+# ---------------------------------------------------------------------------- the Trainer
+
+def training_arguments(cfg: TrainConfig, run_dir: Path):
+    """The ``TrainingArguments`` of a run (the paper's schedule and optimizer, a log per step)."""
+    from transformers import TrainingArguments
 
     device = resolve_device(cfg.device)
+    if device.index is not None:
+        raise ConfigError(f"device {cfg.device!r}: pick the GPU with CUDA_VISIBLE_DEVICES and give device cuda "
+                          "(the Trainer uses cuda:LOCAL_RANK)")
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and cfg.model_dtype == "float32" else "none"
+    if precision != "none" and device.type != "cuda":
+        raise ConfigError(f"mixed_precision {precision} needs device cuda, got {device.type}")
+    report = cfg.report_to if cfg.report_to in ("none", "all") else cfg.report_to.split(",")
+    return TrainingArguments(
+        output_dir=str(run_dir), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, optim="adamw_torch",
+        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, logging_strategy="steps",
+        logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to=report, disable_tqdm=True,
+        use_cpu=device.type == "cpu", bf16=precision == "bf16", fp16=precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=False)
+
+
+def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: Path, *, checkpoints: bool,
+         resume: Path | None):
+    """Train a fresh LoRA adapter on ``records`` (resuming from ``resume``); with ``checkpoints``
+    every epoch ends in a complete ``run_dir/ckpt-<epoch>/``. Returns (trainer, skipped ids)."""
+    import torch
+
+    from rose_select.engine import Collator, EpochCallback, Examples, LoraSFTTrainer, ProgressBar, quiet_callbacks
+    from rose_select.modeling import attach_lora, load_model, load_tokenizer
+
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    encoded, ids, skipped = _encode_all(records, tokenizer, cfg)
+    model = load_model(cfg.model, dtype=cfg.model_dtype, device="cpu")
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     model = attach_lora(model, cfg.lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                  weight_decay=cfg.weight_decay)
-    return model, tokenizer, optimizer, device
+
+    def save(epoch: int, model, optimizer, state):
+        save_checkpoint(run_dir / f"ckpt-{epoch}", model, optimizer, state,
+                        extra={"skipped_too_long": skipped, "n_examples": len(encoded)})
+        rundir.logs_from_checkpoints(run_dir, cfg.epochs)
+
+    trainer = LoraSFTTrainer(model=model, args=args, train_dataset=Examples(encoded),
+                             data_collator=Collator(tokenizer.pad_token_id), example_ids=ids,
+                             load_moments=load_moments_into,
+                             callbacks=[EpochCallback(cfg.seed, save if checkpoints else None)])
+    quiet_callbacks(trainer, ProgressBar(f"train {run_dir.name}", progress_disabled()))
+    with tempfile.TemporaryDirectory(prefix="rose-resume-") as tmp:
+        trainer.train(resume_from_checkpoint=str(_resume_view(resume, Path(tmp))) if resume else None)
+    trainer.model.eval()
+    return trainer, skipped
 
 
-def _train_step(model, optimizer, micro_batches, encoded, ids, pad_id, device, cfg, lr) -> float:
-    """One optimizer step over its micro-batches; returns the mean per-example loss."""
-    import torch
-
-    from rose_select.tokenization import collate
-
-    n = sum(len(mb) for mb in micro_batches)
-    total = 0.0
-    for mb in micro_batches:
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in mb], pad_id).items()}
-        losses = per_example_loss(model, batch)
-        if not torch.isfinite(losses).all():
-            bad = [ids[mb[j]] for j in torch.nonzero(~torch.isfinite(losses)).flatten().tolist()]
-            raise NonFiniteError(f"non-finite training loss for example(s) {bad}")
-        (losses.float().sum() / n).backward()
-        total += float(losses.detach().float().sum())
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / n
+def _prepare_run(cfg: TrainConfig, chosen: Sequence[InstructionRecord], source: dict, extra: dict | None = None):
+    """(run dir, TrainingArguments, whether this call created the dir): the config is checked or
+    written by the main process first (under torchrun every process gets here)."""
+    run_dir = Path(cfg.output)
+    args = training_arguments(cfg, run_dir)
+    created = False
+    with args.main_process_first(desc="run directory"):
+        if args.process_index == 0:
+            created = rundir.prepare(run_dir, cfg, source, [r.id for r in chosen],
+                                     extra={"engine": ENGINE, "processes": args.world_size})
+            for name, content in (extra or {}).items():
+                write_json(run_dir / name, content)
+    return run_dir, args, created
 
 
-def train_loop(cfg: TrainConfig, records: Sequence[InstructionRecord], run_dir: Path, *,
-               checkpoints: bool, resume_steps: list[dict] | None = None):
-    """Train a fresh LoRA adapter on ``records``; returns (model, step log).
-
-    With ``checkpoints`` every epoch ends in ``run_dir/ckpt-<epoch>/`` and training resumes after
-    the last complete one found there.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    model, tokenizer, optimizer, device = _build(cfg)
-    encoded, ids, skipped = _encode_all(records, tokenizer, cfg)
-    per_epoch = steps_per_epoch(len(encoded), cfg.batch_size, cfg.grad_accum)
-    total = per_epoch * cfg.epochs
-    warm = warmup_steps_for(total, cfg.warmup_ratio)
+def _fit_or_undo(cfg, args, chosen, run_dir: Path, created: bool, *, checkpoints: bool):
+    """``_fit``, resuming after the last complete checkpoint; a first run that fails before its
+    first result leaves no directory behind."""
     done = completed_epochs(run_dir) if checkpoints else []
-    start_epoch, step, log = 1, 0, []
-    if done:
-        last = min(done[-1], cfg.epochs)
-        step = load_checkpoint_into(run_dir / f"ckpt-{last}", model, optimizer)
-        if step != last * per_epoch:
-            raise CheckpointError(f"{run_dir}/ckpt-{last}: step {step}, expected {last * per_epoch}")
-        start_epoch, log = last + 1, [s for s in (resume_steps or []) if s["step"] <= step]
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {run_dir.name}", disable=progress_disabled())
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        torch.manual_seed(_epoch_torch_seed(cfg.seed, epoch))  # LoRA dropout of this epoch
-        for micro_batches in epoch_batches(len(encoded), cfg.batch_size, cfg.grad_accum, cfg.seed, epoch):
-            lr = linear_schedule_lr(step, total, warm, cfg.lr)
-            loss = _train_step(model, optimizer, micro_batches, encoded, ids, tokenizer.pad_token_id, device, cfg, lr)
-            step += 1
-            log.append({"step": step, "epoch": epoch, "lr": lr, "loss": loss})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-        if checkpoints:
-            epoch_losses = [s["loss"] for s in log if s["epoch"] == epoch]
-            save_checkpoint(run_dir / f"ckpt-{epoch}", model, optimizer, epoch=epoch, step=step,
-                            extra={"steps_per_epoch": per_epoch, "total_steps": total,
-                                   "epoch_mean_loss": float(np.mean(epoch_losses)), "n_examples": len(encoded)})
-            _write_logs(run_dir, log, cfg.epochs, skipped)
-    bar.close()
-    model.eval()
-    return model, log, skipped
-
-
-def _write_logs(run_dir: Path, log: list[dict], epochs: int, skipped: list[str]) -> None:
-    from rose_select.io import write_json
-
-    write_json(run_dir / "lr_log.json", lr_log([{k: s[k] for k in ("step", "epoch", "lr")} for s in log], epochs))
-    write_json(run_dir / "train_log.json", {"steps": log, "skipped_too_long": skipped})
-
-
-def _previous_steps(run_dir: Path) -> list[dict]:
-    from rose_select.io import read_json
-
-    path = run_dir / "train_log.json"
-    return read_json(path)["steps"] if path.exists() else []
+    try:
+        return _fit(cfg, args, chosen, run_dir, checkpoints=checkpoints,
+                    resume=run_dir / f"ckpt-{done[-1]}" if done else None)
+    except BaseException:
+        if args.process_index == 0:
+            rundir.undo_if_empty(run_dir, created)
+        raise
 
 
 # ---------------------------------------------------------------------------- stages
@@ -428,9 +309,8 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
     """Warm-up LoRA training on a seeded random fraction of the pool (default 5%), one checkpoint
     with Adam moments per epoch. ``records``: an already-loaded pool instead of reading ``cfg.data``.
     Returns the run directory (idempotent: a finished run is returned as is)."""
-    from rose_select.io import sha256_json, write_json
+    from rose_select.io import sha256_json
 
-    run_dir = Path(cfg.output)
     if records is None:
         chosen, source = _records_for(cfg, default_fraction=0.05)
     else:
@@ -438,13 +318,12 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
         fraction = 1.0 if cfg.full else (cfg.fraction if cfg.fraction is not None else 0.05)
         chosen = [pool[i] for i in choose_subset(len(pool), fraction, cfg.seed)]
         source = {"records_sha256": sha256_json([r.id for r in pool])}
-    resolved, fp = _fingerprint(cfg, source, [r.id for r in chosen])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, resolved, fp)
-    write_json(run_dir / "warmup_ids.json", {"ids": [r.id for r in chosen], "fraction": cfg.fraction, "seed": cfg.seed})
-    if completed_epochs(run_dir)[-1:] == [cfg.epochs]:
-        return run_dir
-    train_loop(cfg, chosen, run_dir, checkpoints=True, resume_steps=_previous_steps(run_dir))
+    ids = {"ids": [r.id for r in chosen], "fraction": cfg.fraction, "seed": cfg.seed}
+    run_dir, args, created = _prepare_run(cfg, chosen, source, {"warmup_ids.json": ids})
+    if completed_epochs(run_dir)[-1:] != [cfg.epochs]:
+        _fit_or_undo(cfg, args, chosen, run_dir, created, checkpoints=True)
+    if args.process_index == 0:  # also repairs logs of a run killed right after a checkpoint
+        rundir.logs_from_checkpoints(run_dir, cfg.epochs)
     return run_dir
 
 
@@ -453,18 +332,53 @@ def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = No
     ``adapter/`` (peft format) and ``train_log.json``. ``records``: train on these instead."""
     from rose_select.io import sha256_json
 
-    run_dir = Path(cfg.output)
     if records is None:
         chosen, source = _records_for(cfg, default_fraction=None)
     else:
         chosen, source = list(records), {"records_sha256": sha256_json([r.id for r in records])}
-    resolved, fp = _fingerprint(cfg, source, [r.id for r in chosen])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, resolved, fp)
-    if (run_dir / "adapter" / "adapter_config.json").exists():
-        return run_dir
-    model, log, skipped = train_loop(cfg, chosen, run_dir, checkpoints=cfg.save_every_epoch,
-                                     resume_steps=_previous_steps(run_dir))
-    _write_dir_atomically(run_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
-    _write_logs(run_dir, log, cfg.epochs, skipped)
+    run_dir, args, created = _prepare_run(cfg, chosen, source)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        trainer, skipped = _fit_or_undo(cfg, args, chosen, run_dir, created, checkpoints=cfg.save_every_epoch)
+
+        def fill(tmp: Path):  # the log travels inside the adapter directory: no kill separates them
+            trainer.model.save_pretrained(str(tmp))
+            write_json(tmp / "train_log.json", {"steps": step_log(trainer.state), "skipped_too_long": skipped})
+
+        if args.process_index == 0:
+            write_dir_atomically(adapter, fill)
+    if args.process_index == 0 and (adapter / "train_log.json").exists():
+        log = read_json(adapter / "train_log.json")
+        rundir.write_logs(run_dir, log["steps"], cfg.epochs, log["skipped_too_long"])
     return run_dir
+
+
+# ---------------------------------------------------------------------------- CLI hooks
+
+def add_cli_arguments(command: str, parser) -> None:
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine: >1 starts torchrun with that many, data-parallel "
+                             "(effective batch = batch_size x grad_accum x processes)")
+    if command == "warmup":
+        parser.add_argument("--import", dest="import_dir", default=None, metavar="DIR",
+                            help="convert a LESS / Hugging Face Trainer run (checkpoint-*/ with a peft adapter, "
+                                 "optimizer.pt or optimizer.bin, trainer_state.json) into this format at --output")
+
+
+def handle_cli(command: str, args) -> int | None:
+    from rose_select.config import from_args
+
+    cls = WarmupConfig if command == "warmup" else TrainConfig
+    if getattr(args, "import_dir", None):
+        from rose_select.hf_import import import_trainer_run
+
+        cfg = from_args(cls, args, args.config)
+        print(import_trainer_run(args.import_dir, cfg.output, model=cfg.model))
+        return 0
+    if args.nproc == 1:
+        return None
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    from rose_select.features import distributed as D
+
+    return D.launch(command, from_args(cls, args, args.config), args.nproc)

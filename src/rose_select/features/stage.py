@@ -6,6 +6,9 @@ Losses:
   Adam-preconditioned with the checkpoint's moments by default (LESS/ROSE training side).
 - ``pairwise``: the DPO loss of each validation triple (ROSE validation side); no Adam.
 - ``sft_chosen``: SFT loss of each triple's chosen answer (LESS validation side); no Adam.
+- ``sft_rejected``: the same for the rejected answer. With ``sft_chosen`` it gives the
+  length-normalised pairwise direction ``sft_chosen - sft_rejected`` (``rose select --direction
+  pairwise_ln``); the pairwise loss direction itself uses summed log-probabilities.
 
 ``chosen_output`` (loss ``pairwise``): also write the ``sft_chosen`` features of the same triples
 into a second store, from the same forward/backward pass (``joint.py``). ``ref: auto`` skips the
@@ -29,54 +32,84 @@ whole batches are dealt to ranks round-robin and rank 0 writes every row (``dist
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from rose_select.errors import ConfigError, DataError, NonFiniteError
-from rose_select.features.joint import load_reference, pair_scale
+from rose_select.features.joint import REFS, load_reference, pair_scale
 from rose_select.features.sink import outputs
-from rose_select.modeling import LoraSettings
+from rose_select.modeling import LoraSettings, ModelSettings, model_identity
+from rose_select.runtime import progress_disabled, resolve_device
+from rose_select.tokenization import TokenizeConfig
 
 log = logging.getLogger(__name__)
-LOSSES = ("sft", "pairwise", "sft_chosen")
-FEATURIZE_VERSION = 2  # 2: one global batch plan; a fresh adapter is seeded
+LOSSES = ("sft", "pairwise", "sft_chosen", "sft_rejected")
+FEATURIZE_VERSION = 3  # 2: one global batch plan; a fresh adapter is seeded; 3: model by content
+
+
+STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass
-class FeaturizeConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "base model (HF id, local dir or smollm2-135m)"})
-    checkpoint: Optional[str] = field(default=None, metadata={"help": "LoRA checkpoint dir (adapter + optimizer state); none: a fresh adapter from `lora`"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: str = field(default="", metadata={"help": "data file (pool or preference triples)"})
-    data_kind: str = field(default="auto", metadata={"help": "pool | preference | auto (pool for loss sft)"})
-    data_format: str = field(default="auto", metadata={"help": "loader format (see data.py)"})
-    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N records"})
-    loss: str = field(default="sft", metadata={"help": "sft | pairwise | sft_chosen"})
-    adam: Optional[bool] = field(default=None, metadata={"help": "Adam-precondition (default: true for sft, must be false otherwise)"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of the preconditioning"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of the preconditioning"})
-    adam_eps: float = field(default=1e-8, metadata={"help": "Adam eps (inside the square root)"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (pairwise loss)"})
-    ref: str = field(default="auto", metadata={"help": "pairwise reference: auto (skipped: enough for cosine scoring, rose/shapley) | base (adapters off: the true DPO scale, for influence) | self | <model path>"})
-    chosen_output: Optional[str] = field(default=None, metadata={"help": "loss pairwise: also write the chosen answers' sft_chosen features (LESS) to this store, from the same pass"})
+class FeatureSettings:
+    """How features are computed and stored, whatever the data: the ``featurize`` section of a run."""
+
     projection: str = field(default="sjlt", metadata={"help": "none | rademacher | sjlt"})
     dim: int = field(default=8192, metadata={"help": "projection dimension (ignored for none)"})
     seed: int = field(default=0, metadata={"help": "projection seed (shared by both sides); also seeds a fresh adapter"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
-    max_length: int = field(default=512, metadata={"help": "maximum tokens per sequence"})
-    template: str = field(default="auto", metadata={"help": "auto | chat | less"})
-    truncation: str = field(default="auto", metadata={"help": "auto | keep_start | keep_end (as in training; see tokenization.py)"})
-    padding_side: str = field(default="right", metadata={"help": "left | right"})
-    dtype: str = field(default="float16", metadata={"help": "storage dtype: float16 | float32"})
-    model_dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16 | float64"})
+    store_dtype: str = field(default="float16", metadata={"help": "feature storage dtype: float16 | float32"})
     autocast: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA) | none | bfloat16 | float16"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    output: str = field(default="", metadata={"help": "feature store directory"})
+    padding_side: str = field(default="right", metadata={"help": "left | right"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (pairwise loss)"})
+    ref: str = field(default="auto", metadata={"help": "pairwise reference: auto (skipped: enough for cosine scoring, rose/shapley) | base (adapters off: the true DPO scale, for influence) | self | <model path>"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of the preconditioning"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of the preconditioning"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam eps (inside the square root)"})
+
+    RENAMED = {"dtype": "store_dtype"}
 
     def __post_init__(self):
+        checks = [
+            (self.projection in ("none", "rademacher", "sjlt"), f"projection must be none|rademacher|sjlt, got {self.projection!r}"),
+            (self.projection == "none" or self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.padding_side in ("left", "right"), f"padding_side must be left|right, got {self.padding_side!r}"),
+            (self.store_dtype in STORE_DTYPES, f"store_dtype must be float16|float32, got {self.store_dtype!r}"),
+            (self.autocast in ("auto", "none", "bfloat16", "float16"), f"autocast must be auto|none|bfloat16|float16, got {self.autocast!r}"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0,
+             "adam_beta1/adam_beta2 must lie in [0, 1) and adam_eps be > 0"),
+            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclass
+class FeaturizeConfig(ModelSettings, FeatureSettings):
+    """One feature store: a model (+ checkpoint), a data file and a loss."""
+
+    checkpoint: Optional[str] = field(default=None, metadata={"help": "LoRA checkpoint dir (adapter + optimizer state); none: a fresh adapter from `lora`"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    data: str = field(default="", metadata={"help": "data file (pool or preference triples)"})
+    data_kind: str = field(default="auto", metadata={"help": "pool | preference | auto (pool for loss sft)"})
+    data_format: str = field(default="auto", metadata={"help": "loader format (see rose_select.data)"})
+    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N records"})
+    loss: str = field(default="sft", metadata={"help": "sft | pairwise | sft_chosen | sft_rejected"})
+    adam: Optional[bool] = field(default=None, metadata={"help": "Adam-precondition (default: true for sft, must be false otherwise)"})
+    chosen_output: Optional[str] = field(default=None, metadata={"help": "loss pairwise: also write the chosen answers' sft_chosen features (LESS) to this store, from the same pass"})
+    output: str = field(default="", metadata={"help": "feature store directory"})
+
+    RENAMED = {**FeatureSettings.RENAMED, "max_length": "tokenize.max_length",
+               "template": "tokenize.template", "truncation": "tokenize.truncation"}
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.adam is None:
@@ -92,29 +125,8 @@ class FeaturizeConfig:
         if (self.data_kind == "pool") != (self.loss == "sft"):
             raise ConfigError(f"loss {self.loss!r} needs data_kind "
                               f"{'pool' if self.loss == 'sft' else 'preference'}, got {self.data_kind!r}")
-        if self.projection not in ("none", "rademacher", "sjlt"):
-            raise ConfigError(f"projection must be none|rademacher|sjlt, got {self.projection!r}")
-        if self.projection != "none" and self.dim < 1:
-            raise ConfigError(f"dim must be >= 1, got {self.dim}")
-        for name in ("batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.truncation not in ("auto", "keep_start", "keep_end"):
-            raise ConfigError(f"truncation must be auto|keep_start|keep_end, got {self.truncation!r}")
-        if self.padding_side not in ("left", "right"):
-            raise ConfigError(f"padding_side must be left|right, got {self.padding_side!r}")
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"dtype must be float16|float32, got {self.dtype!r}")
-        if self.model_dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ConfigError(f"model_dtype must be float32|bfloat16|float16|float64, got {self.model_dtype!r}")
-        if self.autocast not in ("auto", "none", "bfloat16", "float16"):
-            raise ConfigError(f"autocast must be auto|none|bfloat16|float16, got {self.autocast!r}")
-        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1 or self.adam_eps <= 0:
-            raise ConfigError("adam_beta1/adam_beta2 must lie in [0, 1) and adam_eps be > 0")
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not self.data:
             raise ConfigError("data: a data file is required")
         if not self.output:
@@ -126,16 +138,6 @@ class FeaturizeConfig:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def resolve_device(device: str, local_rank: int | None = None):
-    """The torch device; in a multi-process run a CUDA device is ``cuda:LOCAL_RANK``."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    return torch.device("cuda", local_rank) if local_rank is not None and dev.type == "cuda" else dev
-
 
 def autocast_dtype(cfg: FeaturizeConfig, device):
     import torch
@@ -165,9 +167,9 @@ def _load_items(cfg: FeaturizeConfig, tokenizer):
     """(ids, groups, encodings) where an encoding is a list of rows (1 row, or chosen+rejected)."""
     from rose_select import data
     from rose_select.records import Message
-    from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record, encode_triple
+    from rose_select.tokenization import encode_messages, encode_record, encode_triple
 
-    tcfg = TokenizeConfig(max_length=cfg.max_length, template=cfg.template, truncation=cfg.truncation)
+    tcfg = cfg.tokenize
     if cfg.data_kind == "pool":
         recs = data.load_pool(cfg.data, format=cfg.data_format, limit=cfg.limit)
         return [r.id for r in recs], None, _encode_all(recs, lambda r: [encode_record(r, tokenizer, tcfg)], cfg.data)
@@ -179,10 +181,12 @@ def _load_items(cfg: FeaturizeConfig, tokenizer):
         def encode(t):
             e = encode_triple(t, tokenizer, tcfg)
             return [e["chosen"], e["rejected"]]
-    else:  # sft_chosen: the chosen answer as an SFT target (pair truncation, as on the pairwise side)
+    else:  # sft_chosen / sft_rejected: one answer as an SFT target (pair truncation, as on the pairwise side)
+        side = "chosen" if cfg.loss == "sft_chosen" else "rejected"
+
         def encode(t):
-            return [encode_messages(list(t.prompt) + [Message("assistant", t.chosen)], tokenizer, tcfg,
-                                    record=f"{t.id} (chosen)", pair=True)]
+            return [encode_messages(list(t.prompt) + [Message("assistant", getattr(t, side))], tokenizer, tcfg,
+                                    record=f"{t.id} ({side})", pair=True)]
     return ids, groups, _encode_all(triples, encode, cfg.data)
 
 
@@ -207,8 +211,9 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
     return {
         "stage": "featurize", "featurize_version": FEATURIZE_VERSION,
         "rose_select_version": getattr(rose_select, "__version__", "?"),
-        "model": cfg.model, "model_dtype": cfg.model_dtype,
-        "checkpoint": ckpt, "adapter_sha256": adapter_sha,
+        "model": model_identity(cfg.model), "model_dtype": cfg.model_dtype,  # by content, not path
+        "checkpoint": ckpt, "adapter_sha256": adapter_sha,  # and the Adam moments, by content:
+        "optimizer_sha256": _file_sha(str(Path(cfg.checkpoint) / "optimizer_state.safetensors")) if cfg.adam else None,
         "lora": None if cfg.checkpoint else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                              "target_modules": list(cfg.lora.target_modules),
                                              "init_seed": cfg.seed},
@@ -217,10 +222,10 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "loss": cfg.loss, "adam": cfg.adam,
         "adam_hparams": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps] if cfg.adam else None,
         "beta": cfg.beta if cfg.loss == "pairwise" else None,
-        "ref": cfg.ref if cfg.loss == "pairwise" else None,
+        "ref": (cfg.ref if cfg.ref in REFS else model_identity(cfg.ref)) if cfg.loss == "pairwise" else None,
         **({"pair_scale": pair_scale(cfg.ref)} if cfg.loss == "pairwise" else {}),
-        "projection": projector_fp, "max_length": cfg.max_length, "template": cfg.template,
-        "truncation": cfg.truncation, "batch_size": cfg.batch_size, "padding_side": cfg.padding_side,
+        "projection": projector_fp, "max_length": cfg.tokenize.max_length, "template": cfg.tokenize.template,
+        "truncation": cfg.tokenize.truncation, "batch_size": cfg.batch_size, "padding_side": cfg.padding_side,
         "autocast": cfg.autocast,
     }
 
@@ -303,7 +308,7 @@ def _prepare(cfg: FeaturizeConfig, device) -> _Job:
     ref = load_reference(cfg.ref, cfg.model_dtype, device) if cfg.loss == "pairwise" else None
     loss_fn = G.pairwise_loss_fn(cfg.beta, ref) if cfg.loss == "pairwise" else G.sft_loss_fn
     return _Job(ids, groups, encs, model, projector, settings, adam, loss_fn, autocast_dtype(cfg, device),
-                tokenizer.pad_token_id, device, outputs(cfg.output, cfg.chosen_output, settings), cfg.dtype, ref)
+                tokenizer.pad_token_id, device, outputs(cfg.output, cfg.chosen_output, settings), cfg.store_dtype, ref)
 
 
 # --------------------------------------------------------------------------- batches
@@ -357,7 +362,7 @@ def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, stores, rounds, done, stop_a
 
     todo = sum(1 for r in rounds for b in r for i in b if not done[i])
     bar = tqdm(total=todo, desc=f"featurize {Path(cfg.output).name}", unit="ex", dynamic_ncols=True,
-               disable=os.environ.get("ROSE_NO_PROGRESS") == "1" or not d.is_main)
+               disable=progress_disabled() or not d.is_main)
     try:
         for k, round_ in enumerate(rounds):
             if stop_after is not None and k >= stop_after:

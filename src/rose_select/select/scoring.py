@@ -21,7 +21,6 @@ Zero vectors have no direction: their cosine with anything is defined as 0, and 
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import warnings
@@ -32,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from rose_select.errors import ConfigError, DataError, NonFiniteError, StoreMismatchError
+from rose_select.features.store import open_features
 
 # Norms at or below this are treated as zero vectors (float32's smallest normal number).
 _TINY = float(np.finfo(np.float32).tiny)
@@ -41,14 +41,16 @@ _CHUNK_BYTES = 128 << 20
 
 @dataclass
 class ScoreResult:
-    """Scores of every pool row. ``per_group[:, s]`` is the weighted mean cosine with subtask
-    ``group_names[s]``; ``scores`` is its max (or mean) over subtasks."""
+    """Scores of every pool row, what every selection method returns. For the gradient methods
+    ``per_group[:, s]`` is the weighted mean cosine with subtask ``group_names[s]`` and ``scores``
+    its max (or mean) over subtasks."""
 
     scores: np.ndarray  # [N] float64
-    per_group: np.ndarray  # [N, S] float64
-    group_names: list[str]
+    per_group: np.ndarray | None = None  # [N, S] float64; None for methods without subtasks
+    group_names: list[str] | None = None
     zero_train_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     zero_val_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    extra: dict = field(default_factory=dict)  # the method's own settings and weights, for summary.json
 
     def best_group(self) -> list[str]:
         """Name of the best-matching subtask of every pool row."""
@@ -108,6 +110,49 @@ def group_means(x: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarr
     np.add.at(sums, group_idx, x)
     counts = np.bincount(group_idx, minlength=n_groups).astype(np.float64)
     return (sums / counts[:, None]).T
+
+
+DIRECTIONS = ("pairwise", "pairwise_ln")
+
+
+def validation_directions(direction: str, *, pairwise: np.ndarray | None = None, chosen: np.ndarray | None = None,
+                          rejected: np.ndarray | None = None, chosen_weight: float = 0.0) -> np.ndarray:
+    """One checkpoint's validation vectors ``[M, d]`` for a ROSE variant, from feature arrays of
+    the same M triples (loss-gradient orientation, any positive scale per row):
+
+    - ``pairwise``: the DPO-loss gradient (``rose``; summed log-probabilities), unit length;
+    - ``pairwise_ln``: ``sft_chosen - sft_rejected``, the gradient of the *length-normalised*
+      difference ``-log pi(y_w|x)/|y_w| + log pi(y_l|x)/|y_l|``, unit length;
+
+    plus ``chosen_weight`` times the unit chosen-answer SFT gradient (LESS's direction), which keeps
+    the target's domain that a difference of two in-domain gradients cancels. Rows are re-normalised
+    by the scorer; a zero row stays zero."""
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if chosen_weight < 0:
+        raise ConfigError(f"chosen_weight must be >= 0, got {chosen_weight}")
+    need = {"pairwise": ["pairwise"], "pairwise_ln": ["chosen", "rejected"]}[direction]
+    need += ["chosen"] if chosen_weight > 0 else []
+    given = {"pairwise": pairwise, "chosen": chosen, "rejected": rejected}
+    missing = [k for k in dict.fromkeys(need) if given[k] is None]
+    if missing:
+        raise ConfigError(f"direction {direction!r} with chosen_weight {chosen_weight} needs the {missing} "
+                          "validation feature stores")
+    if direction == "pairwise":
+        out, _ = normalize_rows(pairwise)
+    else:
+        out, _ = normalize_rows(np.asarray(chosen, np.float64) - np.asarray(rejected, np.float64))
+    if chosen_weight > 0:
+        out = out + chosen_weight * normalize_rows(chosen)[0]
+    return out
+
+
+def standardize_groups(per_group: np.ndarray) -> np.ndarray:
+    """Each subtask's column as z-scores over the pool (mean 0, std 1; a constant column -> 0), so
+    no subtask wins the max over subtasks by the scale of its typical cosine alone."""
+    per_group = np.asarray(per_group, np.float64)
+    std = per_group.std(axis=0)
+    return (per_group - per_group.mean(axis=0)) / np.where(std > 0, std, 1.0)
 
 
 def reduce_groups(per_group: np.ndarray, reduce: str) -> np.ndarray:
@@ -212,12 +257,28 @@ def _val_group_means(val, g_idx, n_groups, dtype, val_ids) -> tuple[np.ndarray, 
 
 # ---------------------------------------------------------------------------- the score
 
+def pool_means(train_features: Sequence[np.ndarray], *, chunk_rows: int | None = None) -> list[np.ndarray]:
+    """Per checkpoint, the mean pool feature ``[d]`` (float64), streamed over the rows."""
+    means = []
+    for train in train_features:
+        n, d = train.shape
+        rows = chunk_rows or default_chunk_rows(d, 8)
+        total = np.zeros(d, dtype=np.float64)
+        for start in range(0, n, rows):
+            total += np.asarray(train[start:start + rows], dtype=np.float64).sum(axis=0)
+            release_pages(train, start, min(n, start + rows))
+        means.append(total / max(n, 1))
+    return means
+
+
 def stream_group_scores(train_features: Sequence[np.ndarray], group_vectors: Sequence[np.ndarray],
                         weights: Sequence[float] | np.ndarray, *, normalize: bool = True,
                         chunk_rows: int | None = None, dtype=np.float32, progress: bool = True,
-                        train_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        train_ids: Sequence[str] | None = None,
+                        centers: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``per_group[z, s] = sum_i w_i <f(train_i(z)), group_vectors[i][:, s]>`` streamed over the
-    pool, with ``f`` = L2 normalisation (zero rows -> 0) when ``normalize``, else the identity.
+    pool, with ``f`` = L2 normalisation (zero rows -> 0) when ``normalize``, else the identity
+    (with ``centers``, ``train_i(z) - centers[i]`` takes the place of ``train_i(z)``).
     Returns ``per_group`` ([N, S] float64) and the mask of pool rows that are zero in some
     checkpoint. Memory: one ``[chunk_rows, d]`` buffer plus the ``[N, S]`` result."""
     n, d = train_features[0].shape
@@ -236,6 +297,8 @@ def stream_group_scores(train_features: Sequence[np.ndarray], group_vectors: Seq
             end = min(n, start + rows)
             for i, train in enumerate(train_features):
                 x = read_chunk(train, start, end, buf)
+                if centers is not None:
+                    x -= centers[i].astype(dtype)
                 norms = chunk_norms(x, start, train_ids)
                 zero = ~(norms > _TINY)
                 scale = np.full(end - start, float(weights[i]))
@@ -252,13 +315,17 @@ def rose_scores(train_features: Sequence[np.ndarray], val_features: Sequence[np.
                 weights: Sequence[float], val_groups: Sequence[str], *, reduce: str = "max",
                 chunk_rows: int | None = None, dtype=np.float32, progress: bool = True,
                 train_ids: Sequence[str] | None = None,
-                val_ids: Sequence[str] | None = None) -> ScoreResult:
+                val_ids: Sequence[str] | None = None, center: bool = False) -> ScoreResult:
     """ROSE (or LESS) scores of every pool row, streamed over the pool in chunks of rows.
 
     ``train_features[i]`` / ``val_features[i]``: ``[N, d]`` / ``[M, d]`` features of checkpoint i
     (memmaps welcome; any float dtype). ``val_groups``: the subtask of each validation row.
     ``dtype``: compute precision of the chunk products (float32 default; float64 for exactness).
-    ``train_ids``/``val_ids`` only name rows in error messages.
+    ``train_ids``/``val_ids`` only name rows in error messages. ``center``: subtract each
+    checkpoint's mean pool feature from every pool row before the cosine. Adam-preconditioned
+    features share the warm-up's momentum term ``beta1 m / sqrt(v)`` (measured: cosine 0.76 of a row
+    with the pool mean, SmolLM2 r=8); left in, it adds a per-row bias that depends on the row's own
+    gradient norm, not on its direction.
     """
     check_shapes(train_features, val_features, weights, val_groups)
     reduce_groups(np.zeros((1, 1)), reduce)  # validate early
@@ -271,6 +338,7 @@ def rose_scores(train_features: Sequence[np.ndarray], val_features: Sequence[np.
         val_zero |= zero
     per_group, train_zero = stream_group_scores(
         train_features, mus, w, normalize=True, chunk_rows=chunk_rows, dtype=dtype,
+        centers=pool_means(train_features, chunk_rows=chunk_rows) if center else None,
         progress=progress, train_ids=train_ids)
     result = ScoreResult(reduce_groups(per_group, reduce), per_group, names,
                          np.flatnonzero(train_zero), np.flatnonzero(val_zero))
@@ -300,14 +368,7 @@ class StoreFeatures:
 def load_store_features(path: str | os.PathLike) -> StoreFeatures:
     """Open a feature store directory read-only (``features.npy`` memmapped, ``rows.json``)."""
     path = Path(path)
-    try:
-        from rose_select.features.store import open_features  # the real store module, when present
-    except ImportError:
-        open_features = None
-    if open_features is not None:
-        feats, meta, rows = open_features(path)
-    else:
-        feats, meta, rows = _open_features_fallback(path)
+    feats, meta, rows = open_features(path)
     ids = [str(i) for i in rows["ids"]]
     groups = rows.get("groups")
     if feats.ndim != 2 or feats.shape[0] != len(ids):
@@ -318,22 +379,9 @@ def load_store_features(path: str | os.PathLike) -> StoreFeatures:
     return StoreFeatures(feats, ids, None if groups is None else [str(g) for g in groups], meta or {})
 
 
-def _open_features_fallback(path: Path):
-    for name in ("features.npy", "rows.json"):
-        if not (path / name).exists():
-            raise DataError(f"not a feature store: {name} is missing", path=str(path))
-    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
-    if meta.get("complete") is False:
-        raise DataError("feature store is incomplete (meta.json complete=false); "
-                        "finish (resume) featurization first", path=str(path))
-    feats = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
-    rows = json.loads((path / "rows.json").read_text())
-    return feats, meta, rows
-
-
 def score_stores(train_paths: Sequence[str | os.PathLike], val_paths: Sequence[str | os.PathLike],
                  weights: Sequence[float], *, reduce: str = "max", chunk_rows: int | None = None,
-                 dtype=np.float32, progress: bool = True) -> tuple[ScoreResult, list[str]]:
+                 dtype=np.float32, progress: bool = True, center: bool = False) -> tuple[ScoreResult, list[str]]:
     """``rose_scores`` on feature stores (one pool and one validation store per checkpoint).
     Refuses stores whose row ids (or validation groups) differ between checkpoints. Subtask names
     come from the validation store's ``rows.json`` groups. Returns the result and the pool ids."""
@@ -349,7 +397,7 @@ def score_stores(train_paths: Sequence[str | os.PathLike], val_paths: Sequence[s
         raise DataError("validation store has no groups in rows.json (subtask of every row)",
                         path=str(val_paths[0]))
     result = rose_scores([s.features for s in train], [s.features for s in val], weights, groups,
-                         reduce=reduce, chunk_rows=chunk_rows, dtype=dtype, progress=progress,
+                         reduce=reduce, chunk_rows=chunk_rows, dtype=dtype, progress=progress, center=center,
                          train_ids=train[0].ids, val_ids=val[0].ids)
     return result, train[0].ids
 

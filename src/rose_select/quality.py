@@ -1,0 +1,462 @@
+"""A selection benchmark with known ground truth: planted preference pairs in a generic pool.
+
+The pool is a generic instruction set (the shipped ShareGPT snapshot) into which held-out, real
+preference pairs of each target task are planted, every prompt twice: once with its preferred and
+once with its dispreferred answer, as ordinary pool records with opaque ids and one source name
+(nothing but the text tells them apart). The prompts are never among the validation prompts: they
+come from the larger-shot file of the same set, minus every validation prompt.
+
+Given any method's scores of the pool, the ground truth answers two questions:
+
+- does the method find the target task? *domain precision@k* (share of the top k that is planted
+  data of the target) against its base rate, and the AUC of target rows against every other row;
+- does it prefer the better answer? *paired preference accuracy*: the share of the target's
+  planted prompts whose preferred row scores above its dispreferred row (a tie counts one half),
+  with a 95% Wilson interval, and the share of preferred rows among the selected target rows.
+
+The same figures for the rule "the longer answer wins" (score = answer length in characters) are
+reported beside every method: preferred answers are often longer, and a method that only tracks
+length must not look reward-oriented.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rose_select.records import InstructionRecord, Message, PreferenceTriple
+
+GENERIC = "generic"
+POOL_SOURCE = "pool"
+
+
+@dataclass(frozen=True)
+class PlantedRow:
+    """Ground truth of one pool row (never shown to a method)."""
+
+    id: str
+    domain: str  # a target name, or GENERIC
+    pair: int  # index of the planted prompt (-1 for generic rows)
+    preferred: bool | None  # None for generic rows
+    length: int  # characters of the assistant text (the length rule's score)
+
+
+def answer_chars(record: InstructionRecord) -> int:
+    """Characters of every assistant turn of a record: the "longer answer wins" score."""
+    return sum(len(m.content) for m in record.messages if m.role == "assistant")
+
+
+def take_per_subtask(triples: Sequence[PreferenceTriple], k: int, rng: np.random.Generator) -> list[PreferenceTriple]:
+    """A seeded sample of ``k`` triples of each subtask (all of a smaller subtask), one per prompt,
+    in file order."""
+    from rose_select.data.heldout import prompt_key
+
+    by_subtask: dict[str, list[int]] = {}
+    seen = set()
+    for i, t in enumerate(triples):
+        key = prompt_key(t)
+        if key not in seen:
+            seen.add(key)
+            by_subtask.setdefault(t.subtask, []).append(i)
+    keep = []
+    for rows in by_subtask.values():
+        keep += sorted(rng.choice(rows, size=min(k, len(rows)), replace=False).tolist())
+    return [triples[i] for i in sorted(keep)]
+
+
+def plant_pool(generic: Sequence[InstructionRecord], planted: Mapping[str, Sequence[PreferenceTriple]],
+               seed: int) -> tuple[list[InstructionRecord], list[PlantedRow]]:
+    """The benchmark pool: ``generic`` records plus, for every domain of ``planted``, each triple as
+    two records (prompt + chosen, prompt + rejected), shuffled with ``seed``, renamed ``r00000``...,
+    all with source ``pool``. Returns the records and their ground truth, in the same order."""
+    items: list[tuple[list[Message], PlantedRow]] = []
+    for r in generic:
+        items.append((list(r.messages), PlantedRow("", GENERIC, -1, None, answer_chars(r))))
+    pair = 0
+    for domain, triples in planted.items():
+        for t in triples:
+            for preferred, answer in ((True, t.chosen), (False, t.rejected)):
+                msgs = [*t.prompt, Message("assistant", answer)]
+                items.append((msgs, PlantedRow("", domain, pair, preferred, len(answer))))
+            pair += 1
+    order = np.random.default_rng(seed).permutation(len(items))
+    width = max(5, len(str(len(items))))
+    records, truth = [], []
+    for new, old in enumerate(order.tolist()):
+        msgs, row = items[old]
+        rid = f"r{new:0{width}d}"
+        raw = {"dataset": POOL_SOURCE, "id": rid, "messages": [{"role": m.role, "content": m.content} for m in msgs]}
+        records.append(InstructionRecord(rid, POOL_SOURCE, msgs, raw))
+        truth.append(PlantedRow(rid, row.domain, row.pair, row.preferred, row.length))
+    return records, truth
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (``successes`` may be fractional: ties count 1/2)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``positive`` rows vs the rest (Mann-Whitney; ties count 1/2)."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    from rose_select.plots import _ranks
+
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = _ranks(scores) + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def paired_wins(scores: np.ndarray, truth: Sequence[PlantedRow], domain: str) -> np.ndarray:
+    """Per planted prompt of ``domain``: 1 if its preferred row scores above its dispreferred row,
+    1/2 on a tie, 0 otherwise (in pair order)."""
+    pref, disp = {}, {}
+    for i, row in enumerate(truth):
+        if row.domain == domain:
+            (pref if row.preferred else disp)[row.pair] = scores[i]
+    pairs = sorted(pref)
+    a, b = np.array([pref[p] for p in pairs]), np.array([disp[p] for p in pairs])
+    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+
+
+def selection_metrics(scores: np.ndarray, selected: Sequence[int], truth: Sequence[PlantedRow],
+                      domain: str) -> dict:
+    """Every benchmark figure of one method's ``scores`` and ``selected`` pool indices for ``domain``."""
+    scores = np.asarray(scores, np.float64)
+    in_domain = np.array([r.domain == domain for r in truth])
+    sel = np.asarray(selected, np.int64)
+    sel_domain = [truth[i] for i in sel.tolist() if truth[i].domain == domain]
+    wins = paired_wins(scores, truth, domain)
+    lo, hi = wilson_interval(float(wins.sum()), len(wins))
+    return {
+        "k": int(len(sel)),
+        "domain_precision": float(in_domain[sel].mean()),
+        "base_rate": float(in_domain.mean()),
+        "precision_over_base": float(in_domain[sel].mean() / in_domain.mean()),
+        "n_selected_domain": len(sel_domain),
+        "preferred_share": (sum(bool(r.preferred) for r in sel_domain) / len(sel_domain)) if sel_domain else None,
+        "n_pairs": int(len(wins)),
+        "paired_accuracy": float(wins.mean()),
+        "paired_ci": [lo, hi],
+        "auc": auc(scores, in_domain),
+    }
+
+
+def length_scores(truth: Sequence[PlantedRow]) -> np.ndarray:
+    """The "longer answer wins" rule as a score: the answer's length in characters."""
+    return np.array([r.length for r in truth], dtype=np.float64)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    from rose_select.plots import _corr, _ranks
+
+    return _corr(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
+
+
+# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: 1.96 is close enough
+# for a report; 2.23 at 10, 2.09 at 19)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t975(dof: int) -> float:
+    return _T975[dof - 1] if dof <= len(_T975) else 1.96 + 2.4 / dof
+
+
+def mean_interval(values: Sequence[float]) -> dict:
+    """Mean and 95% t-interval over seeds (``lo``/``hi`` None for a single seed)."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
+    if len(v) == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": 1}
+    half = float(t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(len(v))}
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+QUICK = {"generic_records": 30, "plant": 1}
+LENGTH_RULE = "length"
+
+
+def _set_name(target: str) -> str:
+    from rose_select.data import shot_file_info
+    from rose_select.experiments import target_name
+
+    info = shot_file_info(target)
+    return info[0] if info else target_name(target)
+
+
+def planted_counts(cfg) -> dict[str, int]:
+    """Planted prompts per subtask for each target (``--quick``: one)."""
+    if cfg.quick:
+        return {t: QUICK["plant"] for t in cfg.targets}
+    return {t: int(cfg.plant_per_subtask.get(_set_name(t), 3)) for t in cfg.targets}
+
+
+def build_pool(cfg, seed: int, out_dir):
+    """Write ``pool.jsonl`` and ``truth.json`` of one seed (skipped when both exist); returns
+    (pool path, ground truth). Planted prompts: each target's held-out file minus its prompts."""
+    import json
+    from pathlib import Path
+
+    from rose_select.data import find_heldout_file, heldout_pairs, load_pool, load_preferences, write_pool_jsonl
+    from rose_select.experiments import target_name
+    from rose_select.io import write_json
+    from rose_select.pipeline import resolve_input
+
+    out_dir = Path(out_dir)
+    pool_file, truth_file = out_dir / "pool.jsonl", out_dir / "truth.json"
+    if pool_file.exists() and truth_file.exists():
+        return pool_file, [PlantedRow(**r) for r in json.loads(truth_file.read_text())]
+    rng = np.random.default_rng(seed)
+    generic = load_pool(resolve_input(cfg.base.pool), format=cfg.base.pool_format, limit=cfg.base.pool_limit)
+    n_generic = QUICK["generic_records"] if cfg.quick else cfg.generic_records
+    generic = [generic[i] for i in sorted(rng.choice(len(generic), min(n_generic, len(generic)), replace=False))]
+    heldouts = cfg.heldouts or [None] * len(cfg.targets)
+    counts = planted_counts(cfg)
+    planted = {}
+    for target, held in zip(cfg.targets, heldouts):
+        path = resolve_input(target)
+        source = resolve_input(held) if held else str(find_heldout_file(path))
+        pairs = heldout_pairs(load_preferences(source), load_preferences(path))
+        planted[target_name(target)] = take_per_subtask(pairs, counts[target], rng)
+    records, truth = plant_pool(generic, planted, seed)
+    write_pool_jsonl(records, pool_file)
+    write_json(truth_file, [r.__dict__ for r in truth])
+    return pool_file, truth
+
+
+def _selected_indices(sel_dir, ids: list[str]) -> np.ndarray:
+    from rose_select.select.topk import read_selection
+
+    where = {rid: i for i, rid in enumerate(ids)}
+    return np.array([where[i] for i in read_selection(sel_dir)], dtype=np.int64)
+
+
+def _select_once(scfg) -> None:
+    """``run_select`` unless the directory holds a selection made with exactly this config."""
+    import json
+    from pathlib import Path
+
+    from rose_select.config import to_dict
+    from rose_select.io import write_json
+    from rose_select.select.stage import run_select
+
+    out = Path(scfg.output)
+    want = json.loads(json.dumps(to_dict(scfg)))
+    stamp = out / "select_config.json"
+    if stamp.exists() and (out / "scores.npy").exists() and json.loads(stamp.read_text()) == want:
+        return
+    run_select(scfg)
+    write_json(stamp, want)
+
+
+def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
+    """(row label, method, select options): every method as configured, and the ROSE methods
+    also with per-subtask standardisation (``+std``) and subtask-balanced selection (``+balanced``)."""
+    from rose_select.select.stage import VARIANTS
+
+    rows = []
+    for m in methods:
+        rows.append((m, m, {}))
+        if m == "rose" or m in VARIANTS:
+            rows += [(f"{m}+std", m, {"standardize": True}), (f"{m}+balanced", m, {"balanced": True})]
+    return rows
+
+
+def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
+    """One seed: planted pool, warm-up, features, every method's selection and its figures; and
+    per target the ``direction_geometry`` of the last checkpoint (None without the stores)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from rose_select.experiments import target_name
+    from rose_select.features.stage import run_featurize
+    from rose_select.pipeline import _checkpoints, featurize_jobs, resolve_input, select_config, training_configs
+    from rose_select.training import run_warmup
+
+    out_dir = Path(out_dir) / f"seed-{seed}"
+    pool, truth = build_pool(cfg, seed, out_dir)
+    methods = cfg.method_list()
+    base = replace(cfg.base, pool=str(pool), pool_format="messages", pool_limit=None, seed=cfg.base.seed + seed,
+                   featurize=replace(cfg.base.featurize, seed=cfg.base.featurize.seed + seed),
+                   select=replace(cfg.base.select, methods=methods))
+    warm_cfg, _ = training_configs(base, out_dir, str(pool))
+    run_warmup(warm_cfg)
+    ckpts = _checkpoints(base, out_dir / "warmup")
+    ids = [r.id for r in truth]
+    rows, geometry = [], {}
+    for target in cfg.targets:
+        name, validation = target_name(target), resolve_input(target)
+        run = out_dir / name
+        for _, fcfg in featurize_jobs(base, run, out_dir, str(pool), validation, ckpts):
+            run_featurize(fcfg)
+        for label, method, options in method_rows(methods):
+            scfg = select_config(base, run, out_dir, method, str(pool), validation, ckpts)
+            scfg = replace(scfg, plots=False, output=str(run / "select" / label), **options)
+            _select_once(scfg)
+            scores = np.load(Path(scfg.output) / "scores.npy", allow_pickle=False)
+            sel = _selected_indices(scfg.output, ids)
+            rows.append({"seed": seed, "target": name, "method": label,
+                         **selection_metrics(scores, sel, truth, name),
+                         "length_spearman": spearman(scores, length_scores(truth))})
+        geometry[name] = _geometry(out_dir, run, ckpts[-1].name, truth, name)
+        k = len(sel)
+        lengths = length_scores(truth)
+        from rose_select.select.topk import select_top
+
+        rows.append({"seed": seed, "target": name, "method": LENGTH_RULE,
+                     **selection_metrics(lengths, select_top(lengths, count=k), truth, name),
+                     "length_spearman": 1.0})
+    return rows, geometry
+
+
+def _geometry(seed_dir, run, ckpt: str, truth, domain: str) -> dict | None:
+    """``direction_geometry`` on one checkpoint's stores, when the pairwise and chosen stores exist."""
+    from rose_select.select.scoring import load_store_features
+
+    val = run / "features" / ckpt
+    if not (val / "val_pairwise" / "meta.json").exists() or not (val / "val_sft" / "meta.json").exists():
+        return None
+    feats = lambda p: np.asarray(load_store_features(p).features, np.float64)
+    rejected = feats(val / "val_sft_rejected") if (val / "val_sft_rejected" / "meta.json").exists() else None
+    return direction_geometry(feats(seed_dir / "features" / ckpt / "pool"), truth, domain,
+                              pairwise=feats(val / "val_pairwise"), chosen=feats(val / "val_sft"), rejected=rejected)
+
+
+AGGREGATED = ("domain_precision", "precision_over_base", "preferred_share", "paired_accuracy", "auc",
+              "length_spearman")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (target, method): the mean and 95% interval over seeds of every figure, and the paired
+    accuracy pooled over every planted prompt of every seed with its Wilson interval."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+    out = []
+    for (target, method), rs in groups.items():
+        agg = {"target": target, "method": method, "seeds": len(rs), "k": rs[0]["k"],
+               "base_rate": float(np.mean([r["base_rate"] for r in rs]))}
+        for key in AGGREGATED:
+            agg[key] = mean_interval([r[key] for r in rs])
+        wins = sum(r["paired_accuracy"] * r["n_pairs"] for r in rs)
+        n = sum(r["n_pairs"] for r in rs)
+        agg["pairs"] = {"n": n, "accuracy": wins / n, "ci": list(wilson_interval(wins, n))}
+        out.append(agg)
+    return out
+
+
+def _fmt(stat: dict, digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return "-"
+    if stat["lo"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
+
+
+def markdown_table(agg: list[dict]) -> str:
+    """One row per target and method: the benchmark's figures (mean [95% interval] over seeds)."""
+    head = ("| target | method | domain precision@k (base rate) | precision / base | preferred share of "
+            "selected target rows | pairs ranked right [95% CI] | AUC target vs rest | Spearman(score, length) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for a in agg:
+        p = a["pairs"]
+        lines.append(f"| {a['target']} | {a['method']} | {_fmt(a['domain_precision'])} ({a['base_rate']:.2f}) | "
+                     f"{_fmt(a['precision_over_base'], 1)} | {_fmt(a['preferred_share'])} | "
+                     f"{p['accuracy']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}] (n={p['n']}) | "
+                     f"{_fmt(a['auc'])} | {_fmt(a['length_spearman'])} |")
+    return "\n".join(lines)
+
+
+def quality(cfg, out) -> dict:
+    """``rose experiment quality``: the planted-pool benchmark for every method and target."""
+    from rose_select import plots
+
+    rows, geometry = [], {}
+    for seed in range(cfg.seeds):
+        seed_result, geometry[seed] = seed_rows(cfg, out, seed)
+        rows += seed_result
+    agg = aggregate(rows)
+    targets = list(dict.fromkeys(a["target"] for a in agg))
+    for key, title in (("precision_over_base", "domain precision@k / base rate"),
+                       ("paired_accuracy", "pairs ranked right (preferred above dispreferred)")):
+        plots.share_bar_chart({t: {a["method"]: a[key]["mean"] or 0.0 for a in agg if a["target"] == t} for t in targets},
+                              out / f"quality_{key}.png", title=title, ylabel=key)
+    k = {a["target"]: a["k"] for a in agg}
+    md = (f"Planted-pool benchmark, {cfg.seeds} seed(s); k = {sorted(set(k.values()))} selected rows; "
+          "mean [95% interval over seeds] where there are several seeds; the pairs column pools every "
+          "planted prompt of every seed (Wilson interval).\n\n" + markdown_table(agg)
+          + geometry_markdown(geometry))
+    return {"rows": rows, "aggregate": agg, "geometry": geometry, "markdown": md}
+
+
+def geometry_markdown(geometry: dict) -> str:
+    """The geometry figures per target (mean over seeds), as a markdown table."""
+    per_target: dict[str, list[dict]] = {}
+    for by_target in geometry.values():
+        for target, g in by_target.items():
+            if g:
+                per_target.setdefault(target, []).append(g)
+    if not per_target:
+        return ""
+    keys = list(dict.fromkeys(k for gs in per_target.values() for g in gs for k in g))
+    lines = ["| target | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for target, gs in per_target.items():
+        lines.append(f"| {target} | " + " | ".join(
+            f"{np.mean([g[k] for g in gs if k in g]):+.3f}" if any(k in g for g in gs) else "-" for k in keys) + " |")
+    return ("\n\nGeometry of the last checkpoint's features (mean over seeds; see quality.direction_geometry):"
+            "\n\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------- why: the geometry
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def direction_geometry(pool: np.ndarray, truth: Sequence[PlantedRow], domain: str, *, pairwise: np.ndarray,
+                       chosen: np.ndarray, rejected: np.ndarray | None = None) -> dict:
+    """What each validation direction keeps of the target domain, measured on one checkpoint's
+    features: ``pool`` ``[N, d]`` (Adam SFT), and per validation triple the ``pairwise`` (DPO),
+    ``chosen`` and ``rejected`` (mean-token SFT) gradients.
+
+    - ``pool_common``: mean cosine of a pool row with the pool's mean direction (a shared term);
+    - ``cos_chosen_rejected``: mean cosine of a triple's chosen and rejected gradients;
+    - per direction, the cosine of its mean unit vector with the centroid of the target's planted
+      rows minus that with the centroid of the other rows (pool features centred first): how far
+      the direction points at the target domain rather than elsewhere."""
+    pool = np.asarray(pool, np.float64)
+    unit_pool = _unit_rows(pool)
+    common = float((unit_pool @ _unit_rows(unit_pool.mean(0, keepdims=True))[0]).mean())
+    centred = _unit_rows(pool - pool.mean(0))
+    in_domain = np.array([r.domain == domain for r in truth])
+    target_c = _unit_rows(centred[in_domain].mean(0, keepdims=True))[0]
+    other_c = _unit_rows(centred[~in_domain].mean(0, keepdims=True))[0]
+    dirs = {"rose (pairwise, summed log-probs)": pairwise, "less (chosen answer)": chosen}
+    out = {"pool_common": common}
+    if rejected is not None:
+        c, r = _unit_rows(np.asarray(chosen, np.float64)), _unit_rows(np.asarray(rejected, np.float64))
+        out["cos_chosen_rejected"] = float(np.einsum("ij,ij->i", c, r).mean())
+        dirs["length-normalised pairwise"] = np.asarray(chosen, np.float64) - np.asarray(rejected, np.float64)
+        dirs["rejected answer"] = rejected
+    for name, v in dirs.items():
+        mean_dir = _unit_rows(_unit_rows(np.asarray(v, np.float64)).mean(0, keepdims=True))[0]
+        out[f"domain signal: {name}"] = float(mean_dir @ target_c - mean_dir @ other_c)
+    return out
