@@ -66,6 +66,7 @@ def configure_cpu(environ=None) -> dict:
         _CHOSEN.update(chosen)
     return chosen
 
+
 def resolve_device(device: str = "auto", local_rank: int | None = None):
     """The ``torch.device`` for a device setting: ``auto`` picks CUDA, then MPS, then the CPU; in a
     multi-process run a CUDA device is ``cuda:LOCAL_RANK``."""
