@@ -1,6 +1,6 @@
 """Benchmark (needs a CUDA GPU for its purpose): bf16 warm-up of a Llama-shaped model of about
 1.1B parameters (random weights: the speed and memory of training do not depend on them) on one
-GPU, through ``rose_select.training.run_warmup``: LoRA r=128 on q/k/v/o, bf16 autocast over
+GPU, through ``rose_select.train.stage.run_warmup``: LoRA r=128 on q/k/v/o, bf16 autocast over
 float32 weights, a checkpoint per epoch. Prints examples/s and the peak GPU memory.
 
     python bench/gpu_warmup.py                         # 1.1B: hidden 2048, 22 layers (TinyLlama's shape)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
     from rose_select.modeling import LoraSettings
     from rose_select.tokenization import TokenizeConfig
-    from rose_select.training import WarmupConfig, run_warmup
+    from rose_select.train.stage import WarmupConfig, run_warmup
 
     with tempfile.TemporaryDirectory(prefix="gpu-warmup-") as tmp:
         n_params = write_model(Path(tmp) / "model", args.hidden, args.layers)

@@ -33,7 +33,7 @@ STAGES = {"warmup": dict(fraction=0.05, lr=1e-4), "train": dict(fraction=0.1, lr
 
 def child(stage: str, out: str) -> None:
     """Run one stage in this process and print its wall time as JSON."""
-    from rose_select import training
+    from rose_select.train import stage as training
     from rose_select.modeling import LoraSettings
     from rose_select.pipeline import resolve_input
     from rose_select.tokenization import TokenizeConfig

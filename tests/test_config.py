@@ -18,7 +18,7 @@ from rose_select.pipeline import RunConfig, eval_config, featurize_jobs, select_
 from rose_select.select import methods as select_methods
 from rose_select.select.stage import METHODS, SelectConfig, run_select
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import TrainConfig
+from rose_select.train.stage import TrainConfig
 
 TOKENIZE = {"max_length": 77, "template": "less", "truncation": "keep_start"}
 
@@ -121,7 +121,7 @@ def test_run_select_options_reach_the_methods_that_use_them(tmp_path):
     options = lambda c: (c.direction, c.chosen_weight, c.center, c.standardize, c.balanced)
     assert options(sel["rose"]) == ("pairwise_ln", 0.5, True, True, True)
     assert options(sel["less"]) == ("pairwise", 0.0, True, True, True)
-    assert options(sel["rose_plus"]) == ("pairwise", 1.0, False, True, True)
+    assert options(sel["rose_plus"]) == ("pairwise", 2.0, True, True, True)  # the preset
     assert options(sel["bm25"]) == options(sel["influence"]) == ("pairwise", 0.0, False, False, False)
     with pytest.raises(ConfigError, match="not options of method 'bm25'"):
         SelectConfig(method="bm25", standardize=True)

@@ -12,7 +12,7 @@ from test_training import small_cfg, write_pool
 
 from rose_select.errors import DataError, ModelLoadError, StoreMismatchError
 from rose_select.select.stage import SelectConfig, run_select
-from rose_select.training import TrainConfig, WarmupConfig, run_train, run_warmup
+from rose_select.train.stage import TrainConfig, WarmupConfig, run_train, run_warmup
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from rose_select import data, modeling
 from rose_select.errors import CheckpointError
 from rose_select.features.stage import FeaturizeConfig, run_featurize
 from rose_select.features.store import open_features
-from rose_select.hf_import import import_trainer_run, read_trainer_moments
+from rose_select.train.hf_import import import_trainer_run, read_trainer_moments
 from rose_select.modeling import LoraSettings
 from rose_select.select.methods import warmup_lrs
 from rose_select.tokenization import TokenizeConfig, collate, encode_record

@@ -208,3 +208,33 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
     pair_rows = [r for r in res["rows"] if r["target"] == "shp_5_shot" and r["method"] == "rose"]
     assert a["seeds"] == 2 and a["pairs"]["n"] == sum(r["n_pairs"] for r in pair_rows)
     assert a["domain_precision"]["mean"] == pytest.approx(np.mean([r["domain_precision"] for r in pair_rows]))
+
+
+def test_selection_summary_has_the_length_diagnostic(tmp_path):
+    from rose_select.select.topk import write_selection
+
+    pool = [InstructionRecord(f"p{i}", "s", [Message("user", "q"), Message("assistant", "a" * (i + 1))]) for i in range(8)]
+    scores = np.arange(8, dtype=np.float64) * 2.0  # ranks exactly by answer length
+    with pytest.warns(RuntimeWarning, match="answer length"):
+        table = write_selection(tmp_path / "sel", pool, scores, np.array([7, 6]), echo=False)
+    summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
+    assert summary["length_spearman"] == pytest.approx(1.0) and "WARNING" in table
+    write_selection(tmp_path / "sel2", pool, -np.cos(np.arange(8)), np.array([0]), echo=False)
+    rho = json.loads((tmp_path / "sel2" / "summary.json").read_text())["length_spearman"]
+    assert rho == pytest.approx(spearman(-np.cos(np.arange(8)), np.arange(1, 9)))
+
+
+def test_stores_each_method_needs():
+    from rose_select.select.methods import stores_needed
+    from rose_select.select.stage import SelectConfig
+
+    assert stores_needed("rose") == {"pairwise"} and stores_needed("less") == {"sft_chosen"}
+    assert stores_needed("rose_plus") == {"pairwise", "sft_chosen"}
+    assert stores_needed("rose_ln") == {"sft_chosen", "sft_rejected"}
+    assert stores_needed("rose", "pairwise", 0.5) == {"pairwise", "sft_chosen"} and stores_needed("bm25") == set()
+    cfg = SelectConfig(method="rose_plus", pool="x", validation="y")
+    assert (cfg.direction, cfg.chosen_weight, cfg.center) == ("pairwise", 2.0, True)
+    with pytest.raises(ConfigError, match="chosen_weight: not options of method .less."):
+        SelectConfig(method="less", chosen_weight=1.0)
+    with pytest.raises(ConfigError, match="balanced: not options of method .bm25."):
+        SelectConfig(method="bm25", balanced=True)

@@ -1,4 +1,4 @@
-"""CPU settings: passive OpenMP waiting set before torch loads, threads = cores not busy, user wins."""
+"""CPU settings: passive OpenMP waiting set before torch loads, a thread per available core, user wins."""
 
 from __future__ import annotations
 
@@ -9,17 +9,8 @@ import sys
 import pytest
 
 from rose_select.errors import ConfigError
-from rose_select.runtime import busy_cores, choose_threads, configure_cpu
-
-
-def test_choose_threads_leaves_busy_cores_alone():
-    assert choose_threads(2, 0.1) == 2
-    assert choose_threads(2, 0.6) == 1 and choose_threads(2, 7.0) == 1
-    assert choose_threads(8, 3.4) == 5 and choose_threads(1, 0.0) == 1
-
-
-def test_busy_cores_is_a_core_count():
-    assert 0.0 <= busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9
+from rose_select.features.distributed import available_cores
+from rose_select.runtime import configure_cpu
 
 
 def _fresh(code: str, **env) -> str:
@@ -34,7 +25,7 @@ def test_policy_is_set_before_torch_loads_and_user_settings_win():
     code = ("import os; from rose_select.runtime import configure_cpu; r = configure_cpu(); import torch; "
             "print(os.environ['OMP_WAIT_POLICY'], r['threads'], torch.get_num_threads())")
     policy, threads, torch_threads = _fresh(code).split()
-    assert policy == "PASSIVE" and threads == torch_threads and 1 <= int(threads) <= (os.cpu_count() or 1)
+    assert policy == "PASSIVE" and threads == torch_threads == str(available_cores())
     assert _fresh(code, OMP_WAIT_POLICY="ACTIVE", ROSE_THREADS="3").split() == ["ACTIVE", "3", "3"]
     assert _fresh(code, OMP_NUM_THREADS="1").split()[1:] == ["1", "1"]
 

@@ -19,7 +19,7 @@ from rose_select import modeling
 from rose_select.errors import ConfigError, StoreMismatchError
 from rose_select.modeling import LoraSettings
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import TrainConfig, WarmupConfig, choose_subset, run_train, run_warmup
+from rose_select.train.stage import TrainConfig, WarmupConfig, choose_subset, run_train, run_warmup
 
 WORDS = "the quick brown fox jumps over lazy dog bread flour water salt yeast paris france".split()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rose_select.checkpoints import read_warmup_checkpoints, warmup_epochs
+from rose_select.train.checkpoints import read_warmup_checkpoints, warmup_epochs
 from rose_select.errors import ConfigError, StoreMismatchError
 from rose_select.io import read_json
 from rose_select.modeling import load_adapter, load_model, load_tokenizer
@@ -26,8 +26,8 @@ from rose_select.tokenization import collate, encode_messages, encode_record
 # Presets of ROSE variants (``rose`` itself is the paper's method, exactly): the validation
 # direction and the weight of the chosen-answer (LESS) direction added to it; see
 # ``scoring.validation_directions`` and the README section "Does it select better data?".
-VARIANTS = {"rose_plus": {"direction": "pairwise", "chosen_weight": 1.0},
-            "rose_ln": {"direction": "pairwise_ln", "chosen_weight": 0.0}}
+VARIANTS = {"rose_plus": {"direction": "pairwise", "chosen_weight": 2.0, "center": True},
+            "rose_ln": {"direction": "pairwise_ln", "chosen_weight": 0.0, "center": False}}
 METHODS = ("rose", "less", "random", "bm25", "rds", "dsir", "influence", "shapley", "full", *VARIANTS)
 GRADIENT_METHODS = ("rose", "less", "influence", "shapley", *VARIANTS)
 

@@ -15,7 +15,7 @@ What the Trainer is given, and why:
 - Randomness of an epoch: the data order comes from accelerate's seedable sampler (seed + epoch),
   and LoRA dropout from a torch seed set by ``EpochCallback`` at the start of every epoch from
   ``(seed, epoch)``. A run resumed after epoch ``e`` therefore replays epochs ``e+1..`` exactly.
-- Resume reads the project's own checkpoint (``checkpoints.py``: adapter + Adam moments by parameter
+- Resume reads the project's own checkpoint (``train/checkpoints.py``: adapter + Adam moments by parameter
   name in safetensors + ``trainer_state.json``): the Trainer loads the adapter and the state;
   ``_load_optimizer_and_scheduler`` puts the moments back and moves the schedule to the step.
   No pickled optimizer/scheduler/RNG files are written or read.
@@ -84,7 +84,7 @@ class LoraSFTTrainer(Trainer):
     """``Trainer`` with the project's loss and resume from the project's checkpoint format.
 
     ``load_moments(ckpt_dir, model, optimizer, step)`` puts a checkpoint's Adam moments into the
-    optimizer (the checkpoint format lives in ``training.py``)."""
+    optimizer (the checkpoint format lives in ``train/checkpoints.py``)."""
 
     loss_is_scaled_for_ga = True
 

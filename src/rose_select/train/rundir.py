@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from rose_select.checkpoints import completed_epochs, logged_steps, lr_log, read_state
+from rose_select.train.checkpoints import completed_epochs, logged_steps, lr_log, read_state
 from rose_select.config import to_dict
 from rose_select.errors import StoreMismatchError
 from rose_select.io import read_json, remove_stale_temps, sha256_json, write_json
