@@ -2,11 +2,20 @@
 
     python bench/featurize.py            # SmolLM2-135M, r=128/alpha=512 on q/k/v/o, d=8192, 256 tokens
     python bench/featurize.py --quick    # small CPU smoke setting
+    python bench/featurize.py --contended   # throughput under a competing CPU-bound process
 
 (a) LoRA training: forward + backward + AdamW step, examples/s.
 (b) LESS-style loop: batch 1, loss.backward(), full flattened gradient, dense Rademacher projection.
 (c) ours: one forward + one backward per batch with per-example hooks, for each projection kind.
 Writes bench/results/featurize.json.
+
+``--contended``: for each CPU setting (the OpenMP default wait policy with every core, passive
+waiting with every core, passive with one thread, and ``rose_select.runtime``'s automatic choice)
+runs (a) and (c, sjlt) in a fresh process, idle and then with a competing CPU-bound process
+(``--competitor-threads`` threads of matrix products), side by side, and reports each setting's
+contended throughput relative to its own idle one and to the best idle one, with the load average.
+Writes bench/results/contended.json. Settings the OpenMP runtime reads at start-up (the wait
+policy) need a fresh process, hence one per measurement.
 """
 
 from __future__ import annotations
@@ -18,7 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from rose_select.runtime import configure_cpu
+
+CPU = configure_cpu() if __name__ == "__main__" and "--no-runtime" not in sys.argv else None  # before torch
+
+import torch  # noqa: E402
 
 from rose_select.features import gradients as G
 from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
@@ -110,8 +123,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-adam", action="store_true", help="ours without the Adam transform")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="r=8, d=256, 64 tokens, batch 4, 8 examples")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "featurize.json"))
+    ap.add_argument("--out", default=None, help="JSON results (default bench/results/featurize.json, "
+                                                "contended.json with --contended)")
+    ap.add_argument("--contended", action="store_true", help="idle vs beside a competing CPU-bound process, "
+                    "per CPU setting (default setting: r=8, d=2048, 128 tokens, batch 8, 32 examples)")
+    ap.add_argument("--competitor-threads", type=int, default=2)
+    ap.add_argument("--settings", default="", help="--contended: comma-separated substrings of the "
+                    "settings to measure (default: all)")
+    ap.add_argument("--no-runtime", action="store_true", help="leave the OpenMP defaults (no rose_select.runtime)")
     args = ap.parse_args(argv)
+    if args.contended:
+        return _contended(args, argv)
+    args.out = args.out or str(Path(__file__).parent / "results" / "featurize.json")
     if args.quick:
         args.rank, args.dim, args.seq_len, args.batch_size, args.n_examples, args.loop_examples = 8, 256, 64, 4, 8, 2
     alpha = args.alpha or 4.0 * args.rank
@@ -134,7 +157,8 @@ def main(argv=None) -> int:
     results = {"setting": {"model": args.model, "rank": args.rank, "alpha": alpha, "dim": args.dim,
                            "batch_size": args.batch_size, "seq_len": args.seq_len, "n_examples": args.n_examples,
                            "lora_params": n_params, "device": str(device), "adam": adam is not None,
-                           "torch": torch.__version__, "threads": torch.get_num_threads()}, "rows": {}}
+                           "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": CPU},
+               "rows": {}}
     rows = results["rows"]
     print(f"model {args.model}: {n_params:,} LoRA parameters (r={args.rank}), d={args.dim}, "
           f"{args.seq_len} tokens, batch {args.batch_size}, device {device}", flush=True)
@@ -145,20 +169,42 @@ def main(argv=None) -> int:
         proj = make_projector(kind, 0 if kind == "none" else args.dim, 0, numels, device=device)
         rows[f"ours_{kind}"] = {"ex_per_s": bench_ours(model, batches, device, proj, amp, adam), **_peak_mb(device)}
         print(f"  (c) ours {kind:10s} {rows[f'ours_{kind}']['ex_per_s']:8.2f} ex/s", flush=True)
-    proj = make_projector("rademacher", args.dim, 0, numels, device=device)
-    rows["less_loop"] = {"ex_per_s": bench_loop(model, batches, device, proj, args.loop_examples),
-                         "examples_timed": args.loop_examples, **_peak_mb(device)}
-    print(f"  (b) LESS loop       {rows['less_loop']['ex_per_s']:8.2f} ex/s", flush=True)
+    if args.loop_examples > 0:
+        proj = make_projector("rademacher", args.dim, 0, numels, device=device)
+        rows["less_loop"] = {"ex_per_s": bench_loop(model, batches, device, proj, args.loop_examples),
+                             "examples_timed": args.loop_examples, **_peak_mb(device)}
+        print(f"  (b) LESS loop       {rows['less_loop']['ex_per_s']:8.2f} ex/s", flush=True)
 
     print(f"\n{'method':18s} {'ex/s':>10s} {'vs train':>9s} {'vs LESS':>9s} {'maxrss MB':>10s}")
     for name, r in rows.items():
         r["vs_train"] = r["ex_per_s"] / rows["train"]["ex_per_s"]
-        r["vs_less_loop"] = r["ex_per_s"] / rows["less_loop"]["ex_per_s"]
-        print(f"{name:18s} {r['ex_per_s']:10.2f} {r['vs_train']:8.2f}x {r['vs_less_loop']:8.2f}x "
+        r["vs_less_loop"] = r["ex_per_s"] / rows["less_loop"]["ex_per_s"] if "less_loop" in rows else None
+        vs_less = "" if r["vs_less_loop"] is None else f"{r['vs_less_loop']:8.2f}x"
+        print(f"{name:18s} {r['ex_per_s']:10.2f} {r['vs_train']:8.2f}x {vs_less:>9s} "
               f"{r['ru_maxrss_mb']:10.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _contended(args, argv) -> int:
+    from contended import run_contended
+
+    from rose_select.features.distributed import available_cores
+
+    passed = [a for a in (argv if argv is not None else sys.argv[1:])
+              if a not in ("--contended", "--no-runtime")]
+    if not any(a.startswith("--rank") for a in passed):  # the issue's setting unless given
+        passed = ["--rank", "8", "--dim", "2048", "--seq-len", "128", "--batch-size", "8",
+                  "--n-examples", "32", *passed]
+    for flag in ("--competitor-threads", "--settings", "--out"):  # ours, not the child's
+        if flag in passed:
+            i = passed.index(flag)
+            del passed[i:i + 2]
+    out = Path(args.out or Path(__file__).parent / "results" / "contended.json")
+    only = [s for s in args.settings.split(",") if s]
+    run_contended(passed, args.competitor_threads, available_cores(), out, only)
     return 0
 
 

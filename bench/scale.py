@@ -119,13 +119,14 @@ def featurize_all(args, work: Path) -> list[dict]:
     from rose_select.config import save_yaml
     from rose_select.features.stage import FeaturizeConfig
     from rose_select.features.store import open_features
+    from rose_select.tokenization import TokenizeConfig
 
     pool, ckpt = write_inputs(args, work)
     rows, first = [], None
     for nproc, threads in parse_runs(args.nprocs):
         out = work / f"features_{nproc}x{threads}"
         cfg = FeaturizeConfig(model=args.model, checkpoint=str(ckpt), data=str(pool), loss="sft", dim=args.dim,
-                              batch_size=args.batch_size, max_length=args.max_length, output=str(out))
+                              batch_size=args.batch_size, tokenize=TokenizeConfig(max_length=args.max_length), output=str(out))
         cfg_path = work / f"featurize_{nproc}x{threads}.yaml"
         save_yaml(cfg, cfg_path)
         row = featurize_run(args, cfg_path, out, nproc, threads)

@@ -14,6 +14,7 @@ from rose_select.errors import (CheckpointError, ConfigError, DataError, ModelLo
                                 StoreMismatchError)
 from rose_select.features.stage import FeaturizeConfig, run_featurize
 from rose_select.modeling import LoraSettings
+from rose_select.tokenization import TokenizeConfig
 
 MSGS = [{"role": "user", "content": "Tell me about bread."}, {"role": "assistant", "content": "Flour and water."}]
 GOOD = json.dumps({"id": "p0", "messages": MSGS}) + "\n"
@@ -50,15 +51,18 @@ DATA_CASES = {
     "pref_duplicate_id": ("prefs.jsonl", _pref() + _pref(), {"loss": "pairwise"}, (2, "1", "id"), "duplicate id 'v0'"),
     "pair_out_of_range": ("val.json", ROSE_OUT_OF_RANGE, {"loss": "pairwise"}, (None, "1", "pairs"),
                           r"pairs\[0\] = \[0, 2\] out of range for 2 responses \(prompt 'Q2\?'\)"),
+    "lone_surrogate": ("pool.jsonl", json.dumps({"id": "p0", "messages": [MSGS[0], {
+        "role": "assistant", "content": "x \ud800"}]}) + "\n", {}, (1, "0", "messages[1].content"),
+        r"lone surrogate \\ud800"),  # issue 11 case 6: was a TypeError traceback in tokenisation
     "all_truncated": ("pool.jsonl", json.dumps({"id": "p0", "messages": [
-        {"role": "user", "content": "bread " * 40}, MSGS[1]]}) + "\n", {"truncation": "keep_start", "max_length": 16},
+        {"role": "user", "content": "bread " * 40}, MSGS[1]]}) + "\n", {"tokenize": TokenizeConfig(max_length=16, truncation="keep_start")},
         (None, "p0", "messages"), "no response token left after truncation to max_length=16"),
 }
 
 
 def _cfg(model, data, out, **kw) -> FeaturizeConfig:
     base = dict(model=str(model), data=str(data), output=str(out), adam=False, dim=16, batch_size=8,
-                max_length=64, lora=LoraSettings(r=2, alpha=4.0, dropout=0.0))
+                tokenize=TokenizeConfig(max_length=64), lora=LoraSettings(r=2, alpha=4.0, dropout=0.0))
     if kw.get("loss", "sft") != "sft":
         base["adam"] = None
     return FeaturizeConfig(**{**base, **kw})

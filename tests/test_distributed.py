@@ -4,6 +4,7 @@ an uninterrupted one; a failing rank stops the others."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ import pytest
 import torch
 
 from rose_select.features import distributed as D
+from rose_select.config import to_dict
 from rose_select.errors import ConfigError
 from rose_select.features.stage import FeaturizeConfig, plan_batches, plan_rounds, run_featurize
 from rose_select.features.store import open_features
+from rose_select.tokenization import TokenizeConfig
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,12 @@ def _write_prefs(path, n):
 
 
 def _args(cfg: dict) -> list[str]:
-    """``--flag value`` pairs for ``rose featurize`` from a FeaturizeConfig-style dict."""
-    return [a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    """``--flag value`` pairs for ``rose featurize`` from a FeaturizeConfig-style dict (a nested
+    section such as ``tokenize`` becomes ``--tokenize.max-length``)."""
+    flat = {}
+    for k, v in cfg.items():
+        flat.update({f"{k}.{kk}": vv for kk, vv in to_dict(v).items()} if dataclasses.is_dataclass(v) else {k: v})
+    return [a for k, v in flat.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 @pytest.fixture
@@ -94,7 +101,7 @@ def test_two_processes_write_the_same_bytes_and_select_the_same(tiny_model_dir, 
     from rose_select.select.stage import SelectConfig, run_select
 
     pool, prefs = _write_pool(tmp_path / "pool.jsonl", 25), _write_prefs(tmp_path / "prefs.jsonl", 7)
-    common = dict(model=str(tiny_model_dir), checkpoint=str(ckpt), dim=32, batch_size=3, max_length=64)
+    common = dict(model=str(tiny_model_dir), checkpoint=str(ckpt), dim=32, batch_size=3, tokenize=TokenizeConfig(max_length=64))
     jobs = {"pool": dict(common, data=str(pool), loss="sft"),
             "val": dict(common, data=str(prefs), loss="pairwise")}
     for name, job in jobs.items():  # 9 and 3 batches: the last round leaves rank 1 without one
@@ -122,7 +129,7 @@ def test_two_processes_write_the_same_bytes_and_select_the_same(tiny_model_dir, 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_model_dir, ckpt, tmp_path, one_thread):
     pool = _write_pool(tmp_path / "pool.jsonl", 160)
     job = dict(model=str(tiny_model_dir), checkpoint=str(ckpt), data=str(pool), dim=32, batch_size=1,
-               max_length=96)
+               tokenize=TokenizeConfig(max_length=96))
     out = tmp_path / "killed"
     argv = ["featurize", *_args(dict(job, output=out))]
     proc = subprocess.Popen([sys.executable, "-m", "rose_select", *argv], stdout=subprocess.DEVNULL,
@@ -164,7 +171,7 @@ def test_failing_rank_stops_every_rank_and_names_the_example(tmp_path, one_threa
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "store"
     proc = _rose(["featurize", "--nproc", "2", *_args(dict(model=model_dir, data=pool, adam="false", dim=16,
-                                                          batch_size=1, max_length=64, output=out))])
+                                                          batch_size=1, tokenize=TokenizeConfig(max_length=64), output=out))])
     assert proc.returncode != 0
     assert "non-finite loss for 1 item(s): ['p4']" in proc.stderr, proc.stderr[-3000:]
     assert "rank(s) [" in proc.stderr and "failed" in proc.stderr

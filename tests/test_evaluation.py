@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from rose_select import modeling
-from rose_select.evaluation import (EvalConfig, evaluate_preferences, pairwise_outcome, parse_hh_prompt,
-                                    preference_metrics, reward_outcome, run_evaluate)
+from rose_select.judges import pairwise_outcome, reward_outcome
+from rose_select.evaluation import (EvalConfig, evaluate_preferences,
+                                    preference_metrics, run_evaluate)
+from rose_select.data import parse_transcript
 from rose_select.modeling import LoraSettings
 from rose_select.records import Message, PreferenceTriple
 from rose_select.tokenization import TokenizeConfig, encode_triple
@@ -51,7 +53,7 @@ def manual_logp(model, enc) -> tuple[float, int]:
 
 
 def test_metrics_match_direct_computation(tiny_model_dir, adapter_dir, tmp_path):
-    cfg = EvalConfig(model=str(tiny_model_dir), adapter=str(adapter_dir), max_length=64, batch_size=2,
+    cfg = EvalConfig(model=str(tiny_model_dir), adapter=str(adapter_dir), tokenize=TokenizeConfig(max_length=64), batch_size=2,
                      device="cpu", output=str(tmp_path / "eval"))
     run = run_evaluate(cfg, triples=triples())
     metrics = json.loads((run / "metrics.json").read_text())
@@ -83,7 +85,7 @@ def test_metrics_match_direct_computation(tiny_model_dir, adapter_dir, tmp_path)
 def test_reference_cache_is_reused_and_gives_the_same_metrics(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
     from rose_select import evaluation
 
-    common = dict(model=str(tiny_model_dir), max_length=64, batch_size=2, device="cpu")
+    common = dict(model=str(tiny_model_dir), tokenize=TokenizeConfig(max_length=64), batch_size=2, device="cpu")
     plain = json.loads((run_evaluate(EvalConfig(**common, adapter=str(adapter_dir), output=str(tmp_path / "a")),
                                      triples=triples()) / "metrics.json").read_text())
     cache = tmp_path / "ref.npz"
@@ -105,7 +107,7 @@ def test_reference_cache_is_reused_and_gives_the_same_metrics(tiny_model_dir, ad
 
 def test_base_model_has_zero_rewards(tiny_model_dir):
     tok, model = modeling.load_tokenizer(str(tiny_model_dir)), modeling.load_model(str(tiny_model_dir))
-    out = evaluate_preferences(model, tok, triples(), EvalConfig(max_length=64))["overall"]
+    out = evaluate_preferences(model, tok, triples(), EvalConfig(tokenize=TokenizeConfig(max_length=64)))["overall"]
     assert out["rewards/margins"] == 0.0 and out["rewards/chosen"] == 0.0 and out["rewards/accuracies"] == 0.0
     assert out["loss/pairwise"] == pytest.approx(math.log(2))
 
@@ -117,7 +119,7 @@ def test_pure_helpers():
     assert reward_outcome(2.0, 1.0) == 1.0 and reward_outcome(1.0, 1.0) == 0.5 and reward_outcome(0.0, 1.0) == 0.0
     assert pairwise_outcome(True, False) == 1.0 and pairwise_outcome(False, True) == 0.0
     assert pairwise_outcome(True, True) == 0.5 and pairwise_outcome(False, False) == 0.5
-    msgs = parse_hh_prompt("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bake?\n\nAssistant:")
+    msgs = parse_transcript("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bake?\n\nAssistant:")
     assert [m.role for m in msgs] == ["user", "assistant", "user"] and msgs[-1].content == "bake?"
 
 
@@ -146,7 +148,7 @@ def write_reward_model(path, tiny_model_dir):
 def test_judge_win_rate(kind, tiny_model_dir, adapter_dir, tmp_path):
     judge = write_reward_model(tmp_path / "rm", tiny_model_dir) if kind == "reward" else tiny_model_dir
     cfg = EvalConfig(model=str(tiny_model_dir), adapter=str(adapter_dir), test_prompts=str(write_test_prompts(tmp_path)),
-                     judge=str(judge), max_new_tokens=4, max_length=64, device="cpu", output=str(tmp_path / "eval"))
+                     judge=str(judge), max_new_tokens=4, tokenize=TokenizeConfig(max_length=64), device="cpu", output=str(tmp_path / "eval"))
     run = run_evaluate(cfg, triples=triples())
     metrics = json.loads((run / "metrics.json").read_text())
     sub = metrics["per_subtask"]["cooking"]

@@ -9,6 +9,7 @@ import pytest
 
 from rose_select.errors import ConfigError, StoreMismatchError
 from rose_select.features.stage import FeaturizeConfig, run_featurize
+from rose_select.tokenization import TokenizeConfig
 from rose_select.modeling import load_model
 
 
@@ -38,7 +39,7 @@ def files(tmp_path_factory):
 
 def _cfg(tiny_model_dir, ckpt, data, out, **kw):
     base = dict(model=str(tiny_model_dir), checkpoint=str(ckpt), data=str(data), output=str(out),
-                dim=32, batch_size=3, max_length=64, dtype="float32")
+                dim=32, batch_size=3, tokenize=TokenizeConfig(max_length=64), store_dtype="float32")
     base.update(kw)
     return FeaturizeConfig(**base)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rose_select.config import from_dict
-from rose_select.pipeline import RunConfig, _checkpoints, _featurize_jobs, _select_config, _stage_configs, resolve_input
+from rose_select.pipeline import RunConfig, _checkpoints, featurize_jobs, resolve_input, select_config, training_configs
 from rose_select.select.stage import METHODS, run_select
 
 
@@ -24,14 +24,14 @@ def test_every_method_selects_from_a_real_pool_on_the_embedded_model(tmp_path):
         "featurize": {"dim": 256, "batch_size": 4}, "select": {"methods": list(METHODS), "fraction": 0.25}})
     run = tmp_path / "run"
     pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
-    warm, _ = _stage_configs(cfg, run, pool, validation)
+    warm, _ = training_configs(cfg, run, pool)
     run_warmup(warm)
     ckpts = _checkpoints(cfg, run / "warmup")
-    for _, fcfg in _featurize_jobs(cfg, run, run, pool, validation, ckpts):
+    for _, fcfg in featurize_jobs(cfg, run, run, pool, validation, ckpts):
         run_featurize(fcfg)
     picked = {}
     for method in METHODS:
-        out = run_select(_select_config(cfg, run, run, method, pool, validation, ckpts))
+        out = run_select(select_config(cfg, run, run, method, pool, validation, ckpts))
         rows = [json.loads(l) for l in (out / "selected.jsonl").read_text().splitlines()]
         scores = np.load(out / "scores.npy")
         assert scores.shape == (24,) and np.isfinite(scores).all(), method

@@ -151,7 +151,7 @@ def test_pairwise_store_is_the_summed_difference_of_the_sft_stores(tiny_model_di
     feats = {}
     for loss in ("pairwise", "sft_chosen", "sft_rejected"):
         run_featurize(FeaturizeConfig(model=str(tiny_model_dir), checkpoint=str(ckpt), data=str(prefs), loss=loss,
-                                      projection="none", batch_size=2, max_length=64, dtype="float32",
+                                      projection="none", batch_size=2, tokenize=TokenizeConfig(max_length=64), store_dtype="float32",
                                       output=str(tmp_path / loss)))
         feats[loss] = np.array(open_features(tmp_path / loss)[0], dtype=np.float64)
     tok = load_tokenizer(str(tiny_model_dir))

@@ -127,7 +127,7 @@ def test_finalize_and_open_features_require_all_rows(tmp_path):
 _CRASH = """
 import os, sys, numpy as np
 from rose_select.features.store import FeatureStore
-store = FeatureStore.attach(sys.argv[1], timeout_s=5)
+store = FeatureStore.open(sys.argv[1], n_rows={n}, dim={d}, dtype="float32", settings={settings!r}, row_ids={ids!r})
 class Die:  # the process dies right after the features are flushed, before rows are marked done
     def __setitem__(self, key, value):
         os._exit(3)
@@ -139,7 +139,7 @@ store.write([5, 6], np.ones((2, store.dim), dtype=np.float32))
 def test_crash_between_features_and_done_mark_leaves_rows_pending(tmp_path):
     path = tmp_path / "s"
     _fill(_open(path), [0])
-    proc = subprocess.run([sys.executable, "-c", _CRASH, str(path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _CRASH.format(n=N, d=D, settings=SETTINGS, ids=IDS), str(path)], capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr
     store = _open(path)
     assert np.load(path / "features.npy")[5].tolist() == [1.0] * D  # features reached the file
@@ -169,37 +169,6 @@ def test_stale_temp_dirs_removed_and_foreign_dirs_refused(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(StoreMismatchError, match="exists but is not a feature store"):
         _open(tmp_path / "other")
-
-
-_WRITER = """
-import sys, numpy as np
-from rose_select.features.store import FeatureStore
-store = FeatureStore.attach(sys.argv[1], timeout_s=30, poll_s=0.05, settings={settings!r})
-rows = np.arange(1, {n}, 2)
-store.write(rows, np.arange({n} * {d}, dtype=np.float32).reshape({n}, {d})[rows] / 7 - 3)
-"""
-
-
-def test_attach_and_concurrent_disjoint_writers(tmp_path):
-    path = tmp_path / "s"
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER.format(settings=SETTINGS, n=N, d=D),
-                               str(path)], stderr=subprocess.PIPE, text=True)
-    store = _open(path)  # rank 0 creates while the other rank waits for it
-    _fill(store, range(0, N, 2))
-    assert writer.wait(timeout=60) == 0, writer.stderr.read()
-    assert store.pending().size == 0
-    store.finalize()
-    feats, _, _ = open_features(path)
-    assert np.array_equal(feats, FEATS)
-
-
-def test_attach_checks_and_times_out(tmp_path):
-    _open(tmp_path / "s")
-    assert FeatureStore.attach(tmp_path / "s", settings=SETTINGS, n_rows=N).n_rows == N
-    with pytest.raises(StoreMismatchError, match="settings.model"):
-        FeatureStore.attach(tmp_path / "s", settings={**SETTINGS, "model": "big"})
-    with pytest.raises(StoreNotReadyError, match="no feature store appeared within 0.1s"):
-        FeatureStore.attach(tmp_path / "none", timeout_s=0.1, poll_s=0.02)
 
 
 def test_bad_arguments(tmp_path):

@@ -12,6 +12,7 @@ import os
 import sys
 
 from rose_select import __version__
+from rose_select.runtime import configure_cpu
 
 # command -> (module, config class, run function, one-line help)
 STAGES = {
@@ -117,7 +118,7 @@ def _answer_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rose_select.errors import RoseError
+    from rose_select.errors import RoseError, describe_os_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     try:
+        if command in STAGES or command == "answer":
+            configure_cpu()  # before torch loads: OpenMP reads its wait policy then
         if command in STAGES:
             return _stage_main(command, rest)
         if command == "data":
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             return _answer_main(rest)
     except RoseError as e:
         print(f"rose {command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only directory, a file where a directory should be
+        print(f"rose {command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     top.parse_args(argv)  # unknown command: argparse prints the choices and exits 2
     return 2

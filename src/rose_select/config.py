@@ -1,7 +1,19 @@
 """Typed dataclass configs that fill from YAML files, dicts and command-line flags alike.
 
-Each stage module defines its own ``@dataclass`` config. Fields carry ``metadata={"help": ...}``;
-validation lives in the dataclass's ``__post_init__`` and raises ``ConfigError``.
+One shape of config: every setting is declared once, in the section of the component that owns
+it, and reused whole:
+
+- shared sections, nested under their own key wherever they are used: ``tokenize``
+  (``tokenization.TokenizeConfig``) and ``lora`` (``modeling.LoraSettings``);
+- the model every stage loads (``modeling.ModelSettings``: ``model``, ``model_dtype``, ``device``)
+  and each stage's own settings (``FeatureSettings``, ``SelectSettings``, ``Schedule``,
+  ``EvalSettings``) are base classes: the stage config extends them with its inputs and outputs,
+  and ``RunConfig``'s sections *are* those classes, so ``compose`` hands a run's section to a
+  stage whole instead of copying it field by field.
+
+Fields carry ``metadata={"help": ...}``; validation lives in ``__post_init__`` and raises
+``ConfigError``. A key that was renamed is listed in the class's ``RENAMED`` and refused with a
+message naming the new key (YAML and flags alike).
 """
 
 from __future__ import annotations
@@ -96,6 +108,9 @@ def from_dict(cls: type[T], data: dict, *, where: str | None = None) -> T:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    renamed = sorted(k for k in data if k in getattr(cls, "RENAMED", {}))
+    if renamed:
+        raise ConfigError("; ".join(f"{where}.{k} was renamed: use {cls.RENAMED[k]}" for k in renamed))
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
@@ -104,6 +119,26 @@ def from_dict(cls: type[T], data: dict, *, where: str | None = None) -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def section_fields(section, cls=None) -> dict:
+    """The fields of dataclass ``cls`` (default: the section's own class) taken from ``section``,
+    values shared, not copied: a section handed on whole."""
+    cls = cls or type(section)
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+
+
+def compose(cls: type[T], *sections, **fields) -> T:
+    """``cls`` built from whole sections (dataclass instances, each contributing every field of
+    its class) plus explicit ``fields``; a field given twice is an error, not a silent override."""
+    values: dict = {}
+    for part in (*sections, fields):
+        part = part if isinstance(part, dict) else section_fields(part)
+        twice = sorted(set(values) & set(part))
+        if twice:
+            raise TypeError(f"compose({cls.__name__}): {twice} given twice")
+        values.update(part)
+    return cls(**values)
 
 
 def to_dict(cfg) -> dict:
@@ -126,8 +161,9 @@ def to_dict(cfg) -> dict:
 def load_yaml(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
     """Load a config from YAML, then apply flag overrides (dotted keys allowed: ``warmup.epochs``)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" if not path.exists() else
+                          f"config file {path} is a directory; give the YAML file inside it")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -164,6 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "") -> 
             help_text += f" (default: {default})"
         parser.add_argument(flag, dest=name, default=None, help=help_text or None,
                             metavar=name.split(".")[-1].upper())
+    for old in getattr(cls, "RENAMED", {}):  # hidden, so the rename error names the new key
+        parser.add_argument("--" + f"{prefix}{old}".replace("_", "-"), dest=f"{prefix}{old}",
+                            default=None, help=argparse.SUPPRESS)
 
 
 def flag_overrides(args: argparse.Namespace, cls, *, prefix: str = "") -> dict:
@@ -177,6 +216,9 @@ def flag_overrides(args: argparse.Namespace, cls, *, prefix: str = "") -> dict:
             out.update(flag_overrides(args, tp, prefix=f"{name}."))
         elif getattr(args, name, None) is not None:
             out[name] = getattr(args, name)
+    for old in getattr(cls, "RENAMED", {}):
+        if getattr(args, f"{prefix}{old}", None) is not None:
+            out[f"{prefix}{old}"] = getattr(args, f"{prefix}{old}")
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class RoseError(Exception):
     """Base class for errors rose-select raises on purpose."""
@@ -48,3 +50,27 @@ class NonFiniteError(RoseError, ValueError):
 
 class PeerError(RoseError, RuntimeError):
     """Another process of a multi-process run failed; this one stops too (its error is above)."""
+
+
+class JudgeError(RoseError, RuntimeError):
+    """A judge endpoint is unreachable, refuses the API key, keeps failing, or answers something
+    that is not a verdict. One line: the endpoint, the model and what went wrong."""
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on the device; free some space or choose another output directory",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another output directory",
+    errno.EACCES: "permission denied; choose a path you may write to (or read, for inputs)",
+    errno.EPERM: "operation not permitted; choose a path you may write to",
+    errno.EROFS: "read-only file system; choose another output directory",
+    errno.ENOTDIR: "a part of this path is a file, not a directory",
+    errno.EISDIR: "is a directory, where a file was expected",
+    errno.EEXIST: "exists and is not a directory; an output must be a directory (choose another path)",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: the path, what went wrong and what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "(path unknown)"
+    return f"{where}: {_OS_HINTS.get(e.errno, e.strerror or type(e).__name__)}"

@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from rose_select.errors import ConfigError
-from rose_select.pipeline import BUILTIN, RunConfig, eval_config, markdown
+from rose_select.data.builtin import BUILTIN
+from rose_select.pipeline import RunConfig, eval_config
+from rose_select.tables import markdown
 
 EXPERIMENTS = ("table1", "subtasks", "figure3", "table2", "table3", "figure4", "table9", "quality")
 DEFAULT_TARGETS = [f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json",
@@ -323,7 +325,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
     """Select with ``base.model``; train each of ``models`` on those selections (same recipe) and
     evaluate it against its own base model on the same held-out pairs."""
     from rose_select.evaluation import run_evaluate
-    from rose_select.pipeline import _stage_configs, heldout_triples, resolve_input
+    from rose_select.pipeline import heldout_triples, resolve_input, training_configs
     from rose_select.training import run_train
 
     source_run = _run(cfg, f"select-{_slug(cfg.base.model)}-{target_name(cfg.base.validation)}",
@@ -335,7 +337,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
         if model == cfg.base.model:
             continue
         base_cfg = replace(cfg.base, model=model)
-        _, train_cfg = _stage_configs(base_cfg, source_run, pool, "")
+        _, train_cfg = training_configs(base_cfg, source_run, pool)
         root = out / "transfer" / _slug(model)
         for m in ["base", *cfg.method_list()]:
             adapter = None

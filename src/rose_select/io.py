@@ -6,9 +6,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -63,3 +64,67 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Fingerprint of a JSON-able object (key order independent)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike, tag: str = "tmp") -> None:
+    """Delete half-built siblings ``.NAME.TAG-PID-*`` of ``path`` whose creating process died
+    (a kill during a directory's write leaves one behind)."""
+    path = Path(path)
+    prefix = f".{path.name}.{tag}-"
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.iterdir():
+        pid = tmp.name[len(prefix):].split("-")[0] if tmp.name.startswith(prefix) else ""
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Call ``fill(tmp_dir)``, then rename the temporary directory onto ``target`` (replacing
+    it), so ``target`` is always complete or absent whenever the process is killed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as e:  # name the directory the user gave, not the temporary's name
+        raise OSError(e.errno, e.strerror, str(target.parent)) from None
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def content_fingerprint(directory: str | os.PathLike, *, head: int = 1 << 20, samples: int = 256,
+                        block: int = 4096) -> str:
+    """A cheap, stable hash of a directory's files (hidden ones left out): each file's name, size,
+    first ``head`` bytes (a safetensors header and more) and ``samples`` blocks spread evenly over
+    the rest. Copies and moves hash the same; other weights of the same shapes do not (a model
+    replaced in place differs in almost every block)."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    files = sorted(p for p in directory.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(directory).as_posix()}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(head))
+            if size > head:
+                for k in range(samples):
+                    fh.seek(head + max(0, size - head - block) * k // max(1, samples - 1))
+                    h.update(fh.read(block))
+    return h.hexdigest()

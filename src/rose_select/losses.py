@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from rose_select.tokenization import IGNORE_INDEX
 
 
 def _shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

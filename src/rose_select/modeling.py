@@ -44,6 +44,26 @@ class LoraSettings:
             raise ConfigError("lora.target_modules must not be empty")
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class ModelSettings:
+    """The base model a stage loads, its weights dtype and the device; every stage config and the
+    run config extend this, so the three are declared once."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "base model: HF id, local dir, or smollm2-135m"})
+    model_dtype: str = field(default="float32", metadata={"help": "model weights dtype: " + " | ".join(MODEL_DTYPES)})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+
+    def __post_init__(self):
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"model_dtype must be {'|'.join(MODEL_DTYPES)}, got {self.model_dtype!r}")
+        if not self.model:
+            raise ConfigError("model: a model name or path is required")
+        getattr(super(), "__post_init__", lambda: None)()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ROSE_CACHE", Path.home() / ".cache" / "rose-select"))
 
@@ -90,6 +110,16 @@ def resolve_model(name: str) -> str:
     if looks_local and not Path(name).expanduser().exists():
         raise ModelLoadError(f"model path not found: {name}")
     return name
+
+
+def model_identity(name: str) -> str:
+    """What a model *is*, for fingerprints: ``sha256:<content hash>`` of a local directory (the
+    same for a relative or absolute path, a copy or a move; different when the weights at that
+    path are replaced), else the hub id as given."""
+    from rose_select.io import content_fingerprint
+
+    path = Path(resolve_model(name)).expanduser()
+    return f"sha256:{content_fingerprint(path)}" if path.is_dir() else name
 
 
 def _is_hub_id(name: str) -> bool:

@@ -14,108 +14,71 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rose_select.config import to_dict
-from rose_select.errors import ConfigError
+from rose_select.checkpoints import read_warmup_checkpoints
+from rose_select.config import compose, save_yaml, section_fields, to_dict
+from rose_select.data.builtin import BUILTIN, resolve_input
+from rose_select.errors import ConfigError, DataError
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
-from rose_select.modeling import LoraSettings
+from rose_select.tables import markdown
+from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
+from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
+from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.select.stage import (GRADIENT_METHODS, METHODS, VARIANTS, SelectConfig, SelectSettings, method_settings,
+                                      run_select, stores_needed)
 from rose_select.tokenization import TokenizeConfig
+from rose_select.training import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
-BUILTIN = "builtin:"
-STAGE_ORDER = ("warmup", "featurize", "select", "train", "evaluate", "report")
-
-
-@dataclass
-class TrainSection:
-    epochs: int = field(default=4, metadata={"help": "final training epochs"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=1, metadata={"help": "micro-batch size"})
-    grad_accum: int = field(default=32, metadata={"help": "micro-batches per step"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear lr warm-up fraction"})
 
 
 @dataclass
-class WarmupSection(TrainSection):
+class WarmupSection(Schedule):
     fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
 
 
 @dataclass
-class FeaturizeSection:
-    projection: str = field(default="sjlt", metadata={"help": "none | rademacher | sjlt"})
-    dim: int = field(default=8192, metadata={"help": "projection dimension"})
-    seed: int = field(default=0, metadata={"help": "projection seed"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
-    dtype: str = field(default="float16", metadata={"help": "feature storage dtype"})
-    ref: str = field(default="base", metadata={"help": "pairwise reference model: base | self | PATH"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta"})
+class FeaturizeSection(FeatureSettings):
     checkpoints: list[int] | None = field(default=None, metadata={"help": "warm-up epochs to use (default: all)"})
 
 
 @dataclass
-class SelectSection:
+class SelectSection(SelectSettings):
     methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"], metadata={"help": "methods to compare"})
-    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
-    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
-    direction: str = field(default="pairwise", metadata={"help": "rose: pairwise (the paper) | pairwise_ln (length-normalised)"})
-    chosen_weight: float = field(default=0.0, metadata={"help": "rose: weight of the chosen-answer (LESS) direction added"})
-    center: bool = field(default=False, metadata={"help": "rose/less/variants: subtract the pool's mean feature before the cosine"})
-    standardize: bool = field(default=False, metadata={"help": "rose/less/variants: z-score each subtask's scores before the max"})
-    balanced: bool = field(default=False, metadata={"help": "rose/less/variants: round robin over subtasks instead of global top-k"})
-    rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last"})
-    knn_k: int = field(default=10, metadata={"help": "shapley: K"})
-    damping: float = field(default=0.1, metadata={"help": "influence: damping"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"select.methods: unknown {bad}; known: {list(METHODS)}")
+        if not self.methods:
+            raise ConfigError("select.methods must name at least one method")
 
 
 @dataclass
-class EvaluateSection:
+class EvaluateSection(EvalSettings):
     heldout: str | None = field(default=None, metadata={"help": "preference file to hold pairs out of (default: the largest-shot sibling of validation)"})
     limit_per_subtask: int | None = field(default=None, metadata={"help": "held-out triples per subtask (None: all)"})
     test_prompts: str | None = field(default=None, metadata={"help": "test prompt dir/file with golden answers (optional)"})
-    judge: str | None = field(default=None, metadata={"help": "reward model or judge LM for win rates (optional)"})
-    max_new_tokens: int = field(default=128, metadata={"help": "generation length for judged answers"})
-    beta: float = field(default=0.1, metadata={"help": "beta of the implicit reward"})
-    batch_size: int = field(default=8, metadata={"help": "evaluation batch size"})
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ModelSettings):
+    """A whole run. Its sections are the stages' own settings classes, handed to them whole."""
+
     output_dir: str = field(default="runs/demo", metadata={"help": "run directory"})
-    model: str = field(default="smollm2-135m", metadata={"help": "base model (HF id, local dir, or smollm2-135m)"})
     pool: str = field(default=f"{BUILTIN}pool/sharegpt_demo.jsonl", metadata={"help": "instruction pool (path or builtin:...)"})
     pool_format: str = field(default="auto", metadata={"help": "pool format"})
     pool_limit: int | None = field(default=None, metadata={"help": "use the first N pool records"})
     validation: str = field(default=f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json", metadata={"help": "target-task preference file"})
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
     seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     shared_dir: str | None = field(default=None, metadata={"help": "keep target-independent artifacts (warm-up, pool features, full-data training) under SHARED_DIR/<fingerprint>/ so runs on other targets reuse them"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     warmup: WarmupSection = field(default_factory=WarmupSection)
     featurize: FeaturizeSection = field(default_factory=FeaturizeSection)
     select: SelectSection = field(default_factory=SelectSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: Schedule = field(default_factory=Schedule)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-
-    def __post_init__(self):
-        from rose_select.select.stage import METHODS
-
-        bad = [m for m in self.select.methods if m not in METHODS]
-        if bad:
-            raise ConfigError(f"select.methods: unknown {bad}; known: {list(METHODS)}")
-        if not self.select.methods:
-            raise ConfigError("select.methods must name at least one method")
-
-
-def resolve_input(path: str) -> str:
-    """``builtin:REL`` -> the file shipped in ``rose_select/assets/REL``; anything else unchanged."""
-    if not path.startswith(BUILTIN):
-        return path
-    from importlib import resources
-
-    target = Path(str(resources.files("rose_select").joinpath("assets", path[len(BUILTIN):])))
-    if not target.exists():
-        raise ConfigError(f"no built-in file {path!r} (looked at {target})")
-    return str(target)
 
 
 # ------------------------------------------------------------------------------------- stage bookkeeping
@@ -154,50 +117,50 @@ def _fp(*parts) -> str:
 
 # ------------------------------------------------------------------------------------- stages
 
-def _stage_configs(cfg: RunConfig, run: Path, pool: str, validation: str):
-    from rose_select.training import TrainConfig, WarmupConfig
+def _model(cfg: RunConfig) -> dict:
+    """The run's model settings, for a stage config."""
+    return section_fields(cfg, ModelSettings)
 
-    w = cfg.warmup
-    warm = WarmupConfig(model=cfg.model, lora=cfg.lora, tokenize=cfg.tokenize, data=pool, data_format=cfg.pool_format,
-                        limit=cfg.pool_limit, fraction=w.fraction, epochs=w.epochs, lr=w.lr, batch_size=w.batch_size,
-                        grad_accum=w.grad_accum, warmup_ratio=w.warmup_ratio, seed=cfg.seed, device=cfg.device,
-                        output=str(run / "warmup"))
-    t = cfg.train
-    train = TrainConfig(model=cfg.model, lora=cfg.lora, tokenize=cfg.tokenize, data=pool, data_format=cfg.pool_format,
-                        limit=cfg.pool_limit, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                        warmup_ratio=t.warmup_ratio, seed=cfg.seed, device=cfg.device, full=True,
-                        output=str(run / "train"))
+
+def training_configs(cfg: RunConfig, shared: Path, pool: str) -> tuple[WarmupConfig, TrainConfig]:
+    """The warm-up and the (full-pool) final-training configs of a run."""
+    data = dict(data=pool, data_format=cfg.pool_format, limit=cfg.pool_limit, seed=cfg.seed,
+                lora=cfg.lora, tokenize=cfg.tokenize)
+    warm = compose(WarmupConfig, _model(cfg), cfg.warmup, **data, output=str(shared / "warmup"))
+    train = compose(TrainConfig, _model(cfg), cfg.train, **data, full=True, output=str(shared / "train"))
     return warm, train
 
 
-def _featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str, ckpts: list[Path]):
+def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str,
+                   ckpts: list[Path]) -> list[tuple[str, FeaturizeConfig]]:
     """(key, FeaturizeConfig) for every store the chosen methods need (pool stores under ``shared``)."""
-    from rose_select.features.stage import FeaturizeConfig
-
-    from rose_select.select.stage import GRADIENT_METHODS, stores_needed
-
-    f, methods = cfg.featurize, set(cfg.select.methods)
-    s = cfg.select
-    needed = set().union(*[stores_needed(m, s.direction, s.chosen_weight) for m in methods])
-    common = dict(model=cfg.model, lora=cfg.lora, projection=f.projection, dim=f.dim, seed=f.seed,
-                  batch_size=f.batch_size, max_length=cfg.tokenize.max_length, template=cfg.tokenize.template,
-                  truncation=cfg.tokenize.truncation, dtype=f.dtype, device=cfg.device)
+    methods = set(cfg.select.methods)
+    settings = section_fields(cfg.featurize, FeatureSettings)
+    if settings["ref"] == "auto" and "influence" in methods:  # influence needs DPO's scale
+        settings["ref"] = "base"
+    needed = set().union(*[stores_needed(m, **{k: v for k, v in method_settings(cfg.select, m).items()
+                                                 if k in ("direction", "chosen_weight")}) for m in methods])
+    common = dict(**_model(cfg), **settings, lora=cfg.lora, tokenize=cfg.tokenize)
     jobs = []
     for ck in ckpts:
         base = run / "features" / ck.name
+        kinds = []
         if methods & set(GRADIENT_METHODS):
-            jobs.append((f"featurize/{ck.name}/pool", FeaturizeConfig(
-                **common, checkpoint=str(ck), data=pool, data_kind="pool", data_format=cfg.pool_format,
-                limit=cfg.pool_limit, loss="sft", adam=True, output=str(shared / "features" / ck.name / "pool"))))
-        if "pairwise" in needed:
-            jobs.append((f"featurize/{ck.name}/val_pairwise", FeaturizeConfig(
-                **common, checkpoint=str(ck), data=validation, data_kind="preference", loss="pairwise",
-                adam=False, beta=f.beta, ref=f.ref, output=str(base / "val_pairwise"))))
+            kinds.append(("pool", dict(data=pool, data_kind="pool", data_format=cfg.pool_format,
+                                       limit=cfg.pool_limit, loss="sft", adam=True),
+                          shared / "features" / ck.name / "pool"))
+        joint = "pairwise" in needed and "sft_chosen" in needed
+        if "pairwise" in needed:  # with the chosen-answer store: one pass writes both (features/joint.py)
+            kinds.append(("val_pairwise" + ("+val_sft" if joint else ""),
+                          dict(data=validation, data_kind="preference", loss="pairwise", adam=False,
+                               chosen_output=str(base / "val_sft") if joint else None),
+                          base / "val_pairwise"))
         for loss, store in (("sft_chosen", "val_sft"), ("sft_rejected", "val_sft_rejected")):
-            if loss in needed:
-                jobs.append((f"featurize/{ck.name}/{store}", FeaturizeConfig(
-                    **common, checkpoint=str(ck), data=validation, data_kind="preference", loss=loss,
-                    adam=False, output=str(base / store))))
+            if loss in needed and not (joint and loss == "sft_chosen"):
+                kinds.append((store, dict(data=validation, data_kind="preference", loss=loss, adam=False),
+                              base / store))
+        jobs += [(f"featurize/{ck.name}/{kind}", FeaturizeConfig(**common, **io, checkpoint=str(ck), output=str(out)))
+                 for kind, io, out in kinds]
     return jobs
 
 
@@ -213,51 +176,39 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
     return ckpts
 
 
-def _select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
-                   ckpts: list[Path]):
-    from rose_select.select.stage import SelectConfig
-
-    s = cfg.select
+def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
+                  ckpts: list[Path]) -> SelectConfig:
+    """The select stage's config for one method of a run."""
     feats = run / "features"
-    from rose_select.select.stage import GRADIENT_METHODS, VARIANTS
-
     val_kind = "val_sft" if method == "less" else "val_pairwise"
     grad = method in GRADIENT_METHODS
     rose_family = method == "rose" or method in VARIANTS
-    options = dict(direction=s.direction, chosen_weight=s.chosen_weight) if method == "rose" else {}
-    if method in ("rose", "less", *VARIANTS):
-        options.update(standardize=s.standardize, balanced=s.balanced)
-        if method not in VARIANTS:  # a preset fixes its own centring
-            options.update(center=s.center)
     weights = None
     if grad and cfg.featurize.checkpoints:  # a subset of checkpoints: weights from their own epochs
-        log = read_json(shared / "warmup" / "lr_log.json")
-        weights = [log["epoch_mean_lr"][int(c.name.split("-")[1]) - 1] for c in ckpts]
-    return SelectConfig(
+        lrs = {str(path): lr for _, path, lr in read_warmup_checkpoints(shared / "warmup")}
+        weights = [lrs[str(c)] for c in ckpts]
+    return compose(
+        SelectConfig, _model(cfg), method_settings(cfg.select, method),
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
         num_subtasks=cfg.num_subtasks,
         pool_features=[str(shared / "features" / c.name / "pool") for c in ckpts] if grad else [],
         val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
         val_chosen_features=[str(feats / c.name / "val_sft") for c in ckpts] if rose_family else [],
         val_rejected_features=[str(feats / c.name / "val_sft_rejected") for c in ckpts] if rose_family else [],
-        warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights,
-        reduce=s.reduce, fraction=s.fraction, seed=cfg.seed, model=cfg.model,
-        adapter=str(ckpts[-1]) if method == "rds" else None, rds_pooling=s.rds_pooling,
-        max_length=cfg.tokenize.max_length, batch_size=cfg.featurize.batch_size, damping=s.damping,
-        knn_k=s.knn_k, device="cpu" if cfg.device == "auto" else cfg.device, output=str(run / "select" / method),
-        **options)
+        warmup_dir=str(shared / "warmup") if grad else None, checkpoint_weights=weights, seed=cfg.seed,
+        adapter=str(ckpts[-1]) if method == "rds" else None, tokenize=cfg.tokenize,
+        batch_size=cfg.featurize.batch_size, output=str(run / "select" / method))
 
 
-def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides):
+def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides) -> EvalConfig:
     """A run's evaluation settings (its evaluate section, model, tokenisation, device).
     ``test_prompts=False`` leaves out the golden-answer prompts and the judge (preference pairs only)."""
-    from rose_select.evaluation import EvalConfig
-
-    e = cfg.evaluate
-    extra = dict(test_prompts=e.test_prompts, judge=e.judge, max_new_tokens=e.max_new_tokens) if test_prompts else {}
-    return EvalConfig(model=cfg.model, beta=e.beta, batch_size=e.batch_size, max_length=cfg.tokenize.max_length,
-                      template=cfg.tokenize.template, device=cfg.device, reference_cache=str(reference_cache),
-                      output=str(output), **extra, **overrides)
+    settings = section_fields(cfg.evaluate, EvalSettings)
+    if not test_prompts:
+        settings.update(judge=None, judge_url=None)
+    return compose(EvalConfig, _model(cfg), settings, tokenize=cfg.tokenize, reference_cache=str(reference_cache),
+                   test_prompts=cfg.evaluate.test_prompts if test_prompts else None, output=str(output),
+                   **overrides)
 
 
 def heldout_triples(cfg: RunConfig, validation: str):
@@ -281,58 +232,99 @@ def heldout_triples(cfg: RunConfig, validation: str):
     return source, triples
 
 
+@dataclass
+class _Run:
+    """What every phase of a run shares: its config, inputs, fingerprints and ledgers."""
+
+    cfg: RunConfig
+    dir: Path
+    pool: str
+    validation: str
+    data_fp: dict
+    ledger: StageLedger
+    warm: WarmupConfig = None
+    train: TrainConfig = None
+    fp_warm: str = ""
+    shared: Path = None  # target-independent stages: the run dir, or shared by runs with the same warm-up
+    shared_ledger: StageLedger = None
+
+
+def _start(cfg: RunConfig) -> _Run:
+    """Check the inputs before anything is written (no leftover config.yaml), then record the config."""
+    run_dir = Path(cfg.output_dir)
+    pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
+    for name, path in (("pool", pool), ("validation", validation)):
+        if not Path(path).is_file():
+            raise DataError("file not found", path=path, field=name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+    data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
+    run = _Run(cfg, run_dir, pool, validation, data_fp, StageLedger(run_dir))
+    run.warm, run.train = training_configs(cfg, run_dir, pool)
+    run.fp_warm = _fp(replace(run.warm, output=""), data_fp["pool"])
+    run.shared = Path(cfg.shared_dir) / f"warmup-{run.fp_warm}" if cfg.shared_dir else run_dir
+    run.shared_ledger = StageLedger(run.shared) if cfg.shared_dir else run.ledger
+    run.warm = replace(run.warm, output=str(run.shared / "warmup"))
+    return run
+
+
+def _warmup_and_features(run: _Run) -> list[Path]:
+    """Warm-up, then every feature store the methods need; returns the checkpoints scored."""
+    run.shared_ledger.run("warmup", run.fp_warm, [run.shared / "warmup"], lambda: str(run_warmup(run.warm)))
+    ckpts = _checkpoints(run.cfg, run.shared / "warmup")
+    for key, fcfg in featurize_jobs(run.cfg, run.dir, run.shared, run.pool, run.validation, ckpts):
+        where = run.shared_ledger if key.endswith("/pool") else run.ledger
+        outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
+        where.run(key, _fp(fcfg, run.fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
+    return ckpts
+
+
+def _select_all(run: _Run, ckpts: list[Path]) -> None:
+    fp_feat = _fp(run.cfg.featurize, run.fp_warm)
+    for method in run.cfg.select.methods:
+        scfg = select_config(run.cfg, run.dir, run.shared, method, run.pool, run.validation, ckpts)
+        run.ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
+
+
+def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
+    """The final model of one method (the full pool's is shared by every target); its fingerprint."""
+    if method == "full":
+        tcfg = replace(run.train, full=True, output=str(run.shared / "train" / "full"))
+        fp_train = _fp(replace(tcfg, output=""), run.data_fp["pool"])
+        run.shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+    else:
+        sel = run.dir / "select" / method / "selected.jsonl"
+        tcfg = replace(run.train, full=False, selection=str(sel), output=str(run.dir / "train" / method))
+        fp_train = _fp(tcfg, run.ledger.state[f"select/{method}"]["fingerprint"])
+        run.ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
+    return tcfg, fp_train
+
+
+def _train_and_evaluate(run: _Run, triples) -> None:
+    """The base model, then each method's final model, on the same held-out pairs."""
+    reference_cache = run.dir / "eval" / "reference_logps.npz"
+    fp_eval = _fp(run.cfg.evaluate, run.data_fp, [t.id for t in triples])
+    base = eval_config(run.cfg, output=run.dir / "eval" / "base", reference_cache=reference_cache)
+    run.ledger.run("evaluate/base", _fp(base, fp_eval), [Path(base.output)],
+                   lambda: str(run_evaluate(base, triples=triples)))
+    for method in run.cfg.select.methods:
+        tcfg, fp_train = _train_method(run, method)
+        ecfg = eval_config(run.cfg, output=run.dir / "eval" / method, reference_cache=reference_cache,
+                           adapter=str(Path(tcfg.output) / "adapter"))
+        run.ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
+                       lambda c=ecfg: str(run_evaluate(c, triples=triples)))
+
+
 def run_pipeline(cfg: RunConfig) -> Path:
     """The whole pipeline; returns the run directory (with report.md)."""
-    from rose_select.config import save_yaml
-    from rose_select.evaluation import run_evaluate
-    from rose_select.features.stage import run_featurize
-    from rose_select.select.stage import run_select
-    from rose_select.training import run_train, run_warmup
-
-    run = Path(cfg.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run / "config.yaml")
-    pool, validation = resolve_input(cfg.pool), resolve_input(cfg.validation)
-    data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
-    ledger = StageLedger(run)
-    warm_cfg, train_cfg = _stage_configs(cfg, run, pool, validation)
-    fp_warm = _fp(replace(warm_cfg, output=""), data_fp["pool"])
-    # target-independent stages: in the run dir, or shared by every run with the same warm-up
-    shared = Path(cfg.shared_dir) / f"warmup-{fp_warm}" if cfg.shared_dir else run
-    shared_ledger = StageLedger(shared) if cfg.shared_dir else ledger
-    warm_cfg = replace(warm_cfg, output=str(shared / "warmup"))
-    shared_ledger.run("warmup", fp_warm, [shared / "warmup"], lambda: str(run_warmup(warm_cfg)))
-    ckpts = _checkpoints(cfg, shared / "warmup")
-    for key, fcfg in _featurize_jobs(cfg, run, shared, pool, validation, ckpts):
-        where = shared_ledger if key.endswith("/pool") else ledger
-        where.run(key, _fp(fcfg, fp_warm), [Path(fcfg.output)], lambda c=fcfg: str(run_featurize(c)))
-    fp_feat = _fp(cfg.featurize, fp_warm)
-    for method in cfg.select.methods:
-        scfg = _select_config(cfg, run, shared, method, pool, validation, ckpts)
-        ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
-    heldout_source, triples = heldout_triples(cfg, validation)
-    reference_cache = run / "eval" / "reference_logps.npz"
-    fp_eval = _fp(cfg.evaluate, data_fp, [t.id for t in triples])
-    base_eval = eval_config(cfg, output=run / "eval" / "base", reference_cache=reference_cache)
-    ledger.run("evaluate/base", _fp(base_eval, fp_eval), [run / "eval" / "base"],
-               lambda: str(run_evaluate(base_eval, triples=triples)))
-    for method in cfg.select.methods:
-        if method == "full":  # the whole pool: the same model whatever the target
-            tcfg = replace(train_cfg, full=True, output=str(shared / "train" / "full"))
-            fp_train = _fp(replace(tcfg, output=""), data_fp["pool"])
-            shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
-        else:
-            sel = run / "select" / method / "selected.jsonl"
-            tcfg = replace(train_cfg, full=False, selection=str(sel), output=str(run / "train" / method))
-            fp_train = _fp(tcfg, ledger.state[f"select/{method}"]["fingerprint"])
-            ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
-        ecfg = eval_config(cfg, output=run / "eval" / method, reference_cache=reference_cache,
-                           adapter=str(Path(tcfg.output) / "adapter"))
-        ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
-                   lambda c=ecfg: str(run_evaluate(c, triples=triples)))
-    table = write_report(cfg, run, heldout_source, len(triples), ledger)
+    run = _start(cfg)
+    ckpts = _warmup_and_features(run)
+    _select_all(run, ckpts)
+    heldout_source, triples = heldout_triples(cfg, run.validation)
+    _train_and_evaluate(run, triples)
+    table = write_report(cfg, run.dir, heldout_source, len(triples), run.ledger)
     print(table)
-    return run
+    return run.dir
 
 
 # ------------------------------------------------------------------------------------- report
@@ -347,14 +339,6 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
         n_sel = "-" if name == "base" else read_json(run / "select" / name / "summary.json")["n_selected"]
         rows.append({"method": name, "n_train": n_sel, **{k: m.get(k) for k in REPORT_METRICS}})
     return rows
-
-
-def markdown(rows: list[dict], cols: list[str] | None = None) -> str:
-    """Rows of dicts as a markdown table (columns: ``cols`` or every key in order of appearance)."""
-    cols = cols or list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
 
 
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:

@@ -290,7 +290,7 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
 
     from rose_select.experiments import target_name
     from rose_select.features.stage import run_featurize
-    from rose_select.pipeline import _checkpoints, _featurize_jobs, _select_config, _stage_configs, resolve_input
+    from rose_select.pipeline import _checkpoints, featurize_jobs, resolve_input, select_config, training_configs
     from rose_select.training import run_warmup
 
     out_dir = Path(out_dir) / f"seed-{seed}"
@@ -299,7 +299,7 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
     base = replace(cfg.base, pool=str(pool), pool_format="messages", pool_limit=None, seed=cfg.base.seed + seed,
                    featurize=replace(cfg.base.featurize, seed=cfg.base.featurize.seed + seed),
                    select=replace(cfg.base.select, methods=methods))
-    warm_cfg, _ = _stage_configs(base, out_dir, str(pool), "")
+    warm_cfg, _ = training_configs(base, out_dir, str(pool))
     run_warmup(warm_cfg)
     ckpts = _checkpoints(base, out_dir / "warmup")
     ids = [r.id for r in truth]
@@ -307,10 +307,10 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
     for target in cfg.targets:
         name, validation = target_name(target), resolve_input(target)
         run = out_dir / name
-        for _, fcfg in _featurize_jobs(base, run, out_dir, str(pool), validation, ckpts):
+        for _, fcfg in featurize_jobs(base, run, out_dir, str(pool), validation, ckpts):
             run_featurize(fcfg)
         for label, method, options in method_rows(methods):
-            scfg = _select_config(base, run, out_dir, method, str(pool), validation, ckpts)
+            scfg = select_config(base, run, out_dir, method, str(pool), validation, ckpts)
             scfg = replace(scfg, plots=False, output=str(run / "select" / label), **options)
             _select_once(scfg)
             scores = np.load(Path(scfg.output) / "scores.npy", allow_pickle=False)

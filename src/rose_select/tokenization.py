@@ -18,13 +18,12 @@ dropped silently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 from rose_select.errors import ConfigError, DataError
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
 
 IGNORE_INDEX = -100
-Template = Literal["auto", "chat", "less"]
 
 
 @dataclass

@@ -16,8 +16,11 @@ Warm-up artifacts (``run_warmup``), in the run directory:
   ``ckpt-<epoch>/``          ``adapter_model.safetensors`` + ``adapter_config.json`` (peft format),
                              ``optimizer_state.safetensors`` (``exp_avg/<name>``,
                              ``exp_avg_sq/<name>``, metadata step/betas/eps), ``trainer_state.json``
-  ``lr_log.json``            per-step lr, ``epoch_mean_lr``, ``checkpoint_weights``
-  ``train_log.json``         loss per optimizer step
+                             (the epoch's steps with lr and loss, and their mean lr: see
+                             ``checkpoints.py``)
+  ``lr_log.json``            per-step lr, ``epoch_mean_lr``, ``checkpoint_weights`` (derived from
+                             the checkpoints, rewritten by every rerun)
+  ``train_log.json``         loss per optimizer step (likewise derived)
 
 Resume: every checkpoint directory is written under a temporary name and renamed, so a
 ``ckpt-<e>`` either is complete or does not exist. A rerun with the same config restarts after the
@@ -31,38 +34,29 @@ non-determinism of the device's kernels).
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from rose_select.errors import CheckpointError, ConfigError, DataError, NonFiniteError, StoreMismatchError
-from rose_select.modeling import LoraSettings
+from rose_select import rundir
+from rose_select.checkpoints import completed_epochs, logged_steps, write_checkpoint
+from rose_select.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from rose_select.io import read_json, write_dir_atomically, write_json
+from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.records import InstructionRecord
 from rose_select.tokenization import TokenizeConfig
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-# Keys of the config that do not change the result (left out of the fingerprint).
-_NOT_FINGERPRINTED = ("output", "device", "save_every_epoch")
 
 
 @dataclass
-class TrainConfig:
-    """LoRA SFT on a pool subset: a selection file, a random fraction, or the full pool."""
+class Schedule:
+    """The optimisation schedule: the ``warmup`` and ``train`` sections of a run."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "base model: HF id, local dir, or smollm2-135m"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    data: str = field(default="", metadata={"help": "instruction pool file (any format data.load_pool reads)"})
-    data_format: str = field(default="auto", metadata={"help": "pool format (auto: detect)"})
-    selection: str | None = field(default=None, metadata={"help": "selected.jsonl to train on (records in the pool's own format)"})
-    fraction: float | None = field(default=None, metadata={"help": "train on a seeded random fraction of the pool"})
-    full: bool = field(default=False, metadata={"help": "train on the whole pool"})
     epochs: int = field(default=4, metadata={"help": "training epochs"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear lr warm-up"})
@@ -70,13 +64,6 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=32, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    seed: int = field(default=42, metadata={"help": "seed of the subset, LoRA init, data order and dropout"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype: float32 | bfloat16 | float16"})
-    output: str = field(default="runs/train", metadata={"help": "run directory"})
-    save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
-    limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
-    on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
 
     def __post_init__(self):
         checks = [
@@ -87,9 +74,37 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclass
+class TrainConfig(ModelSettings, Schedule):
+    """LoRA SFT on a pool subset: a selection file, a random fraction, or the full pool."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    data: str = field(default="", metadata={"help": "instruction pool file (any format rose_select.data.load_pool reads)"})
+    data_format: str = field(default="auto", metadata={"help": "pool format (auto: detect)"})
+    selection: str | None = field(default=None, metadata={"help": "selected.jsonl to train on (records in the pool's own format)"})
+    fraction: float | None = field(default=None, metadata={"help": "train on a seeded random fraction of the pool"})
+    full: bool = field(default=False, metadata={"help": "train on the whole pool"})
+    seed: int = field(default=42, metadata={"help": "seed of the subset, LoRA init, data order and dropout"})
+    output: str = field(default="runs/train", metadata={"help": "run directory"})
+    save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
+    limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
+    on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
+
+    RENAMED = {"dtype": "model_dtype"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
             (self.fraction is None or 0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
-            (self.dtype in ("float32", "bfloat16", "float16", "float64"), f"dtype must be float32|bfloat16|float16|float64, got {self.dtype!r}"),
             (self.on_too_long in ("error", "skip"), f"on_too_long must be error|skip, got {self.on_too_long!r}"),
         ]
         for ok, message in checks:
@@ -105,9 +120,14 @@ class TrainConfig:
 class WarmupConfig(TrainConfig):
     """The warm-up run: a random 5% of the pool, a checkpoint with Adam moments per epoch."""
 
-    fraction: float | None = field(default=0.05, metadata={"help": "seeded random fraction of the pool (paper: 0.05)"})
+    fraction: float | None = field(default=None, metadata={"help": "seeded random fraction of the pool (default and paper: 0.05; none with full or selection)"})
     output: str = field(default="runs/warmup", metadata={"help": "run directory"})
     save_every_epoch: bool = field(default=True, metadata={"help": "write ckpt-<epoch>/ after every epoch (needed by featurize)"})
+
+    def __post_init__(self):
+        if self.fraction is None and not self.full and not self.selection:
+            self.fraction = 0.05  # the default applies only when no other subset is chosen
+        super().__post_init__()
 
 
 # ---------------------------------------------------------------------------- small pure helpers
@@ -141,40 +161,8 @@ def choose_subset(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False).tolist())
 
 
-def epoch_mean_lrs(steps: Sequence[dict], epochs: int) -> list[float]:
-    """Mean lr of the logged steps of each epoch (1-based epochs)."""
-    out = []
-    for e in range(1, epochs + 1):
-        lrs = [s["lr"] for s in steps if s["epoch"] == e]
-        out.append(float(np.mean(lrs)) if lrs else 0.0)
-    return out
-
-
-def lr_log(steps: Sequence[dict], epochs: int) -> dict:
-    means = epoch_mean_lrs(steps, epochs)
-    total = sum(means)
-    weights = [m / total for m in means] if total > 0 else [1.0 / len(means)] * len(means)
-    return {"steps": list(steps), "epoch_mean_lr": means, "checkpoint_weights": weights}
-
-
 def _epoch_torch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch, 1]).integers(0, 2**63 - 1))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def progress_disabled() -> bool:
-    return os.environ.get("ROSE_NO_PROGRESS", "") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------- loss
@@ -219,77 +207,27 @@ def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfi
         try:
             encoded.append(encode_record(rec, tokenizer, cfg.tokenize))
             ids.append(rec.id)
-        except DataError:
-            if cfg.on_too_long == "error":
-                raise
+        except DataError as e:
+            if cfg.on_too_long == "error":  # tokenisation knows the record; name the file too
+                raise DataError(f"{e.problem} (or train with on_too_long=skip)", path=e.path or cfg.selection
+                                or cfg.data, record=e.record, field=e.field) from None
             skipped.append(rec.id)
     if not encoded:
         raise DataError("no trainable example (every example lost its response to truncation)")
     return encoded, ids, skipped
 
 
-# ---------------------------------------------------------------------------- run directory
+# ---------------------------------------------------------------------------- checkpoints
 
-def _fingerprint(cfg: TrainConfig, source: dict, ids: Sequence[str]) -> tuple[dict, str]:
-    from rose_select.config import to_dict
-    from rose_select.io import sha256_json
-
-    resolved = to_dict(cfg)
-    key = {k: v for k, v in resolved.items() if k not in _NOT_FINGERPRINTED}
-    key.update(source=source, ids_sha256=sha256_json(list(ids)))
-    return resolved, sha256_json(key)
-
-
-def _check_or_write_config(run_dir: Path, resolved: dict, fingerprint: str) -> None:
-    from rose_select.io import read_json, write_json
-
-    path = run_dir / "config.json"
-    if path.exists():
-        old = read_json(path)
-        if old.get("fingerprint") != fingerprint:
-            old_cfg = old.get("config", {})
-            diff = sorted(k for k in set(old_cfg) | set(resolved)
-                          if k not in _NOT_FINGERPRINTED and old_cfg.get(k) != resolved.get(k))
-            raise StoreMismatchError(
-                f"{run_dir} holds a run with other settings (differing keys: {diff or 'the data'}); "
-                "use a new output directory or delete this one")
-        return
-    write_json(path, {"config": resolved, "fingerprint": fingerprint})
-
-
-def completed_epochs(run_dir: Path) -> list[int]:
-    """Epochs with a complete ``ckpt-<epoch>/`` (checkpoints are written atomically)."""
-    out = []
-    for p in Path(run_dir).glob("ckpt-*"):
-        tail = p.name.removeprefix("ckpt-")
-        if p.is_dir() and tail.isdigit() and (p / "trainer_state.json").exists():
-            out.append(int(tail))
-    return sorted(out)
-
-
-def _write_dir_atomically(target: Path, fill) -> None:
-    """Call ``fill(tmp_dir)``, then rename the temporary directory onto ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        fill(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_checkpoint(ckpt_dir: Path, model, optimizer, *, epoch: int, step: int, extra: dict | None = None) -> None:
-    from rose_select.io import write_json
+def save_checkpoint(ckpt_dir: Path, model, optimizer, *, epoch: int, step: int, steps: Sequence[dict],
+                    extra: dict | None = None) -> None:
     from rose_select.modeling import save_optimizer_state
 
     def fill(tmp: Path):
         model.save_pretrained(str(tmp))
         save_optimizer_state(tmp / "optimizer_state.safetensors", model, optimizer, step=step)
-        write_json(tmp / "trainer_state.json", {"epoch": epoch, "step": step, **(extra or {})})
 
-    _write_dir_atomically(Path(ckpt_dir), fill)
+    write_checkpoint(ckpt_dir, fill, epoch=epoch, step=step, steps=steps, **(extra or {}))
 
 
 def load_checkpoint_into(ckpt_dir: Path, model, optimizer) -> int:
@@ -329,7 +267,7 @@ def _build(cfg: TrainConfig):
 
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    model = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     model = attach_lora(model, cfg.lora)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -363,8 +301,7 @@ def _train_step(model, optimizer, micro_batches, encoded, ids, pad_id, device, c
     return total / n
 
 
-def train_loop(cfg: TrainConfig, records: Sequence[InstructionRecord], run_dir: Path, *,
-               checkpoints: bool, resume_steps: list[dict] | None = None):
+def train_loop(cfg: TrainConfig, records: Sequence[InstructionRecord], run_dir: Path, *, checkpoints: bool):
     """Train a fresh LoRA adapter on ``records``; returns (model, step log).
 
     With ``checkpoints`` every epoch ends in ``run_dir/ckpt-<epoch>/`` and training resumes after
@@ -385,7 +322,7 @@ def train_loop(cfg: TrainConfig, records: Sequence[InstructionRecord], run_dir: 
         step = load_checkpoint_into(run_dir / f"ckpt-{last}", model, optimizer)
         if step != last * per_epoch:
             raise CheckpointError(f"{run_dir}/ckpt-{last}: step {step}, expected {last * per_epoch}")
-        start_epoch, log = last + 1, [s for s in (resume_steps or []) if s["step"] <= step]
+        start_epoch, log = last + 1, logged_steps(run_dir, last)
     model.train()
     bar = tqdm(total=total, initial=step, desc=f"train {run_dir.name}", disable=progress_disabled())
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -400,26 +337,13 @@ def train_loop(cfg: TrainConfig, records: Sequence[InstructionRecord], run_dir: 
         if checkpoints:
             epoch_losses = [s["loss"] for s in log if s["epoch"] == epoch]
             save_checkpoint(run_dir / f"ckpt-{epoch}", model, optimizer, epoch=epoch, step=step,
-                            extra={"steps_per_epoch": per_epoch, "total_steps": total,
+                            steps=[s for s in log if s["epoch"] == epoch],
+                            extra={"steps_per_epoch": per_epoch, "total_steps": total, "skipped_too_long": skipped,
                                    "epoch_mean_loss": float(np.mean(epoch_losses)), "n_examples": len(encoded)})
-            _write_logs(run_dir, log, cfg.epochs, skipped)
+            rundir.write_logs(run_dir, log, cfg.epochs, skipped)
     bar.close()
     model.eval()
     return model, log, skipped
-
-
-def _write_logs(run_dir: Path, log: list[dict], epochs: int, skipped: list[str]) -> None:
-    from rose_select.io import write_json
-
-    write_json(run_dir / "lr_log.json", lr_log([{k: s[k] for k in ("step", "epoch", "lr")} for s in log], epochs))
-    write_json(run_dir / "train_log.json", {"steps": log, "skipped_too_long": skipped})
-
-
-def _previous_steps(run_dir: Path) -> list[dict]:
-    from rose_select.io import read_json
-
-    path = run_dir / "train_log.json"
-    return read_json(path)["steps"] if path.exists() else []
 
 
 # ---------------------------------------------------------------------------- stages
@@ -428,7 +352,7 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
     """Warm-up LoRA training on a seeded random fraction of the pool (default 5%), one checkpoint
     with Adam moments per epoch. ``records``: an already-loaded pool instead of reading ``cfg.data``.
     Returns the run directory (idempotent: a finished run is returned as is)."""
-    from rose_select.io import sha256_json, write_json
+    from rose_select.io import sha256_json
 
     run_dir = Path(cfg.output)
     if records is None:
@@ -438,13 +362,15 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
         fraction = 1.0 if cfg.full else (cfg.fraction if cfg.fraction is not None else 0.05)
         chosen = [pool[i] for i in choose_subset(len(pool), fraction, cfg.seed)]
         source = {"records_sha256": sha256_json([r.id for r in pool])}
-    resolved, fp = _fingerprint(cfg, source, [r.id for r in chosen])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, resolved, fp)
+    created = rundir.prepare(run_dir, cfg, source, [r.id for r in chosen])
     write_json(run_dir / "warmup_ids.json", {"ids": [r.id for r in chosen], "fraction": cfg.fraction, "seed": cfg.seed})
-    if completed_epochs(run_dir)[-1:] == [cfg.epochs]:
-        return run_dir
-    train_loop(cfg, chosen, run_dir, checkpoints=True, resume_steps=_previous_steps(run_dir))
+    if completed_epochs(run_dir)[-1:] != [cfg.epochs]:
+        try:
+            train_loop(cfg, chosen, run_dir, checkpoints=True)
+        except BaseException:
+            rundir.undo_if_empty(run_dir, created)
+            raise
+    rundir.logs_from_checkpoints(run_dir, cfg.epochs)
     return run_dir
 
 
@@ -458,13 +384,20 @@ def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = No
         chosen, source = _records_for(cfg, default_fraction=None)
     else:
         chosen, source = list(records), {"records_sha256": sha256_json([r.id for r in records])}
-    resolved, fp = _fingerprint(cfg, source, [r.id for r in chosen])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(run_dir, resolved, fp)
-    if (run_dir / "adapter" / "adapter_config.json").exists():
-        return run_dir
-    model, log, skipped = train_loop(cfg, chosen, run_dir, checkpoints=cfg.save_every_epoch,
-                                     resume_steps=_previous_steps(run_dir))
-    _write_dir_atomically(run_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)))
-    _write_logs(run_dir, log, cfg.epochs, skipped)
+    created = rundir.prepare(run_dir, cfg, source, [r.id for r in chosen])
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        try:
+            model, log, skipped = train_loop(cfg, chosen, run_dir, checkpoints=cfg.save_every_epoch)
+        except BaseException:
+            rundir.undo_if_empty(run_dir, created)
+            raise
+
+        def fill(tmp: Path):  # the log travels inside the adapter directory: no kill separates them
+            model.save_pretrained(str(tmp))
+            write_json(tmp / "train_log.json", {"steps": log, "skipped_too_long": skipped})
+
+        write_dir_atomically(run_dir / "adapter", fill)
+    if (run_dir / "adapter" / "train_log.json").exists():
+        log = read_json(run_dir / "adapter" / "train_log.json")
+        rundir.write_logs(run_dir, log["steps"], cfg.epochs, log["skipped_too_long"])
     return run_dir

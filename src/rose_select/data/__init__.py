@@ -11,11 +11,13 @@
 """
 
 from rose_select.data.builtin import (
+    BUILTIN,
     DEMO_MAX_CHARS,
     DEMO_PREFERENCES,
     DEMO_SNAPSHOT,
     DEMO_WINDOW,
     asset_path,
+    resolve_input,
     demo_pool,
     sharegpt_package_file,
 )
@@ -36,6 +38,7 @@ from rose_select.data.reading import iter_json_array, parse_transcript
 from rose_select.data.validate import ValidationReport, validate_file
 
 __all__ = [
+    "BUILTIN", "resolve_input",
     "DEMO_MAX_CHARS", "DEMO_MAX_CHARS", "DEMO_PREFERENCES", "DEMO_SNAPSHOT", "DEMO_WINDOW", "DEMO_WINDOW", "KNOWN_SUBTASKS", "POOL_FORMATS", "PREFERENCE_FORMATS",
     "SUBTASK_CAPS", "ValidationReport", "asset_path", "demo_pool", "find_heldout_file",
     "heldout_pairs", "iter_json_array", "load_pool", "load_preferences", "load_sft_targets",

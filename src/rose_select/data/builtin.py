@@ -27,12 +27,20 @@ DEMO_PREFERENCES = {  # set -> (selection file, held-out file), relative to the 
 }
 
 
+BUILTIN = "builtin:"  # prefix of a data file shipped in the package, e.g. builtin:pool/sharegpt_demo.jsonl
+
+
 def asset_path(name: str) -> Path:
     """Path of a data file shipped inside the package (``assets/<name>``)."""
     path = Path(str(resources.files("rose_select").joinpath("assets", name)))
     if not path.exists():
         raise DataError("no such bundled asset", path=str(path))
     return path
+
+
+def resolve_input(path: str) -> str:
+    """``builtin:REL`` -> the file shipped in ``rose_select/assets/REL``; anything else unchanged."""
+    return str(asset_path(path[len(BUILTIN):])) if path.startswith(BUILTIN) else path
 
 
 def sharegpt_package_file() -> Path | None:

@@ -51,7 +51,8 @@ def _sniff_pool(rec: dict, where: _Where) -> str:
 
 def _pool_messages(rec: dict, fmt: str, where: _Where) -> list[Message]:
     if fmt == "messages":
-        return _conversation(_turns(_list_field(rec, "messages", where), where, "messages", "role", "content"))
+        return _conversation(_turns(_list_field(rec, "messages", where), where, "messages", "role", "content"),
+                             where=where)
     if fmt == "sharegpt":
         turns = _turns(_list_field(rec, "conversations", where), where, "conversations", "from", "value")
         return _conversation(turns, drop_leading_assistant=True)
@@ -100,7 +101,7 @@ def _read_pool(path, log_: _Log, *, format="auto", source=None, column_map=None,
             src = _pool_source(mapped, fmt, source, stem)
             rid = ids.claim(_record_id(mapped, where, f"{src}_{where.index}"), where)
         except _Skip as why:
-            log_.skipped[str(why)] += 1
+            log_.skip(str(why), where)
             continue
         except DataError as e:
             log_.report(e)
@@ -127,6 +128,8 @@ def load_pool(path, *, format: str = "auto", source: str | None = None,
     records = _read_pool(path, log_, format=format, source=source, column_map=column_map, limit=limit,
                          split=split, duplicate_ids=duplicate_ids)
     log_.warn_skipped(path)
+    if not records:
+        raise log_.no_records(path)
     return records
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Sequence
 
 from rose_select.data.reading import (
+    _BAD_BYTE,
     _DATASETS_SUFFIXES,
     ASSISTANT_MARKER,
+    _bad_bytes,
     _canonical_format,
     _error,
     _first_char,
@@ -48,6 +50,7 @@ KNOWN_SUBTASKS: dict[str, tuple[str, ...]] = {
 SUBTASK_CAPS: dict[str, dict[str, int]] = {"se": {"academia": 35}}
 
 PREFERENCE_FORMATS = ("rose", "trl", "hh")
+_TURN_HUMAN = "\n\nHuman:"
 _SHOT_FILE = re.compile(r"^(?P<set>[a-z]+)_(?P<k>\d+)_shot")
 
 
@@ -128,7 +131,13 @@ def _read_rose_object(path: Path, log_: _Log, fmt: str | None) -> _PairsDict | N
     """The top-level object of a JSON-object file; None if the file is JSONL instead."""
     try:
         with _open_text(path) as f:
-            top = json.load(f, object_pairs_hook=_PairsDict)
+            text = f.read()
+        _bad_bytes(text, _Where(str(path), 0, None))
+        top = json.loads(text, object_pairs_hook=_PairsDict)
+    except DataError as e:  # bytes that are not UTF-8: name their line
+        m = _BAD_BYTE.search(text)
+        log_.report(_error(e.kind, e.problem, path=path, line=text.count("\n", 0, m.start()) + 1))
+        return _PairsDict([])
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and fmt != "rose":
             return None  # several objects, one per line: JSONL
@@ -150,17 +159,23 @@ def _pairs(value: dict, n_responses: int, where: _Where) -> None:
         if not all(0 <= i < n_responses for i in pair):
             raise where.error("pair_out_of_range", f"pairs[{j}] = {pair} out of range for "
                               f"{n_responses} responses", "pairs")
+        if pair[0] == pair[1]:
+            raise where.error("bad_pair", f"pairs[{j}] = {pair} compares a response with itself", "pairs")
 
 
 def _rose_triple(prompt: str, value, where: _Where, stem: str, subtask: str) -> PreferenceTriple:
     if not isinstance(value, dict):
         raise where.error("wrong_type", f"expected an object, got {type(value).__name__}")
     responses = _list_field(value, "responses", where)
-    for i, response in enumerate(responses):
-        _text(response, where, f"responses[{i}]", required=False)
+    if not responses:
+        raise where.error("empty_field", "responses is empty", "responses")
+    texts = {_text(response, where, f"responses[{i}]", required=False) for i, response in enumerate(responses)}
     _pairs(value, len(responses), where)
     chosen = _required_text(value, ("sft_target",), where)
     rejected = _required_text(value, ("rejected_target",), where)
+    for name, target in (("sft_target", chosen), ("rejected_target", rejected)):
+        if target not in texts:
+            raise where.error("bad_target", f"{name} is not one of the responses", name)
     return PreferenceTriple(id=f"{stem}:{where.index}", subtask=subtask, prompt=_prompt(prompt, where),
                             chosen=chosen, rejected=rejected, raw={"prompt": prompt, **value})
 
@@ -175,9 +190,18 @@ def _read_rose(path: Path, top: _PairsDict, log_: _Log, layout_kw: dict) -> list
                 raise where.error("duplicate_id", f"prompt repeats record {seen[prompt]}", "prompt")
             seen[prompt] = index
             out.append(_rose_triple(prompt, value, where, stem, subtasks[index]))
+            _note_equal(out[-1], where, log_)
         except DataError as e:
             log_.report(e)
     return out
+
+
+def _note_equal(triple: PreferenceTriple, where: _Where, log_: _Log) -> None:
+    """chosen == rejected happens in the published files (85 of 4157 prompts): kept, since the
+    subtask layout counts them, but named in a warning; their pairwise feature is zero, which
+    scoring treats as a zero vector (no contribution)."""
+    if triple.chosen == triple.rejected:
+        log_.keep("chosen == rejected (no preference; their pairwise feature is zero)", where)
 
 
 def _split_hh(chosen: str, rejected: str, where: _Where) -> tuple[str, str, str]:
@@ -191,6 +215,9 @@ def _split_hh(chosen: str, rejected: str, where: _Where) -> tuple[str, str, str]
     if cut < 0:
         raise where.error("no_shared_turn", "chosen and rejected share no '\\n\\nAssistant:' turn", "chosen")
     cut += len(ASSISTANT_MARKER)
+    if any(_TURN_HUMAN in answer for answer in (chosen[cut:], rejected[cut:])):
+        raise where.error("no_shared_turn", "chosen and rejected differ before their last Assistant turn "
+                          "(inside a Human turn), so the answers would contain 'Human:' turns", "chosen")
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
@@ -275,6 +302,7 @@ def _read_rows(path: Path, rows: list, log_: _Log, fmt: str | None, layout_kw: d
             triple = _row_triple(rec, fmt, where, stem, subtasks[where.index], subtask_field)
             triple.id = ids.claim(triple.id, where)
             out.append(triple)
+            _note_equal(triple, where, log_)
         except DataError as e:
             log_.report(e)
     return out
@@ -321,6 +349,8 @@ def load_preferences(path, *, format: str = "auto", subtasks: Sequence[str] | No
     triples = _read_preferences(path, log_, format=format, subtasks=subtasks, num_subtasks=num_subtasks,
                                 subtask_field=subtask_field)
     log_.warn_skipped(path)
+    if not triples:
+        raise log_.no_records(path)
     return triples
 
 

@@ -11,19 +11,25 @@ used in default ids such as ``"shp_5_shot_preference:3"``).
 
 from __future__ import annotations
 
-import gzip
 import json
-import logging
 import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from rose_select.data.rawtext import (  # noqa: F401  (re-exported: the loaders import them from here)
+    _BAD_BYTE,
+    _bad_bytes,
+    _error,
+    _first_char,
+    _Log,
+    _open_text,
+    _Skip,
+    _Where,
+    iter_json_array,
+)
 from rose_select.errors import DataError
 from rose_select.records import Message
 
-log = logging.getLogger(__name__)
 
 _FORMAT_ALIASES = {"less": "messages", "tulu": "messages", "oasst": "messages", "oasst1": "messages",
                    "dolly": "alpaca", "flan": "inputs_targets", "flan_v2": "inputs_targets",
@@ -33,140 +39,8 @@ _ROLES = {"system": "system", "user": "user", "human": "user", "prompter": "user
           "bard": "assistant", "model": "assistant"}
 _DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: json accepts "\ud800", UTF-8 cannot hold it
 ASSISTANT_MARKER = "\n\nAssistant:"
-
-
-# --------------------------------------------------------------------------- problems
-
-class _Skip(Exception):
-    """A record that is well-formed but unusable (e.g. no assistant turn): counted, not an error."""
-
-
-def _error(kind: str, message: str, *, path, line=None, record=None, field=None) -> DataError:
-    err = DataError(message, path=str(path), line=line,
-                    record=None if record is None else str(record), field=field)
-    err.kind = kind  # problem class, for the per-kind counts of validate_file
-    return err
-
-
-@dataclass(frozen=True)
-class _Where:
-    """Where a record sits in its file, so every error can name it."""
-
-    path: str
-    index: int
-    line: int | None = None
-    context: str | None = None  # e.g. the start of a preference prompt
-
-    def error(self, kind: str, message: str, field: str | None = None) -> DataError:
-        if self.context:
-            message = f"{message} (prompt {self.context!r})"
-        return _error(kind, message, path=self.path, line=self.line, record=self.index, field=field)
-
-
-@dataclass
-class _Log:
-    """Raise-first or collect-all sink for problems, plus what a validation report needs."""
-
-    collect: bool = False
-    errors: list[DataError] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)
-    format: str | None = None
-    entries: int = 0
-
-    def report(self, err: DataError) -> None:
-        if not self.collect:
-            raise err
-        self.errors.append(err)
-
-    def warn_skipped(self, path) -> None:
-        if self.skipped:
-            detail = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
-            log.warning("%s: skipped %d record(s): %s", path, sum(self.skipped.values()), detail)
-
-
-# --------------------------------------------------------------------------- raw reading
-
-def _open_text(path: Path):
-    """UTF-8 text (a byte-order mark is tolerated), gzip-compressed when the name ends in .gz."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
-
-
-def _first_char(path: Path) -> str:
-    with _open_text(path) as f:
-        while chunk := f.read(4096):
-            if stripped := chunk.lstrip():
-                return stripped[0]
-    return ""
-
-
-def _cut_off(err: json.JSONDecodeError, buf: str, margin: int = 0) -> bool:
-    """Did decoding fail because the text ends inside the value, rather than being malformed?
-
-    Mid-file, an error within ``margin`` characters of the buffer's end may be a chunk boundary
-    inside an escape or literal (``\\u00``, ``tr``): read more and retry. At end of file the test
-    is strict, so a malformed last record is still an error.
-    """
-    end = len(buf.rstrip())
-    if err.msg.startswith("Unterminated string") or err.pos >= end - margin:
-        return True
-    return err.msg.startswith("Invalid \\uXXXX") and err.pos + 6 > end
-
-
-def iter_json_array(path, *, chunk_size: int = 1 << 20, log_: _Log | None = None
-                    ) -> Iterator[tuple[_Where, Any]]:
-    """Stream the elements of a top-level JSON array without loading the file whole.
-
-    Reads ``chunk_size`` characters at a time and decodes one element at a time with
-    ``JSONDecoder.raw_decode``. A final element cut off by end-of-file (e.g. the ShareGPT V3
-    file) is skipped with a warning; anything else malformed is a ``DataError``.
-    """
-    path, log_ = Path(path), log_ or _Log()
-    decoder, index, line, eof = json.JSONDecoder(), 0, 1, False
-    with _open_text(path) as f:
-        buf = f.read(chunk_size)
-        pos = len(buf) - len(buf.lstrip())
-        if buf[pos:pos + 1] != "[":
-            raise _error("wrong_type", "expected a JSON array", path=path, line=1)
-        line, pos = 1 + buf.count("\n", 0, pos), pos + 1
-        while True:
-            start = pos
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            line += buf.count("\n", start, pos)
-            if pos < len(buf) and buf[pos] == "]":
-                return
-            try:
-                if pos == len(buf):
-                    raise json.JSONDecodeError("Expecting value", buf, pos)
-                obj, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                if not eof and _cut_off(e, buf, margin=16):
-                    more = f.read(chunk_size)
-                    eof = not more
-                    buf, pos = buf[pos:] + more, 0
-                    continue
-                if _cut_off(e, buf):
-                    _truncated(path, buf[pos:], index, line, log_)
-                    return
-                log_.report(_error("malformed_json", f"malformed JSON: {e.msg}", path=path,
-                                   line=line + buf.count("\n", pos, e.pos), record=index))
-                return  # no way to find the next element after a broken one
-            log_.entries = index + 1
-            yield _Where(str(path), index, line), obj
-            line += buf.count("\n", pos, end)
-            index, pos = index + 1, end
-
-
-def _truncated(path: Path, rest: str, index: int, line: int, log_: _Log) -> None:
-    """End of file inside the array: skip a cut-off last element with a warning, not an error."""
-    if rest.strip():
-        log_.skipped["truncated final record"] += 1
-        log.warning("%s: last record (record %d, line %d) is truncated; skipped it", path, index, line)
-    else:
-        log.warning("%s: JSON array is not closed with ']'", path)
 
 
 def _iter_jsonl(path: Path, log_: _Log) -> Iterator[tuple[_Where, Any]]:
@@ -178,9 +52,12 @@ def _iter_jsonl(path: Path, log_: _Log) -> Iterator[tuple[_Where, Any]]:
             where = _Where(str(path), index, lineno)
             index = log_.entries = index + 1
             try:
+                _bad_bytes(text, where)
                 yield where, json.loads(text)
             except json.JSONDecodeError as e:
                 log_.report(where.error("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})"))
+            except DataError as e:
+                log_.report(e)
 
 
 def _load_hf(spec: str, builder: str | None, split: str):
@@ -238,9 +115,17 @@ def _text(value, where: _Where, name: str, *, required: bool = True) -> str:
         raise where.error("missing_field", "missing field", name)
     if not isinstance(value, str):
         raise where.error("wrong_type", f"expected a string, got {type(value).__name__}", name)
+    _valid_unicode(value, where, name)
     if required and not value.strip():
         raise where.error("empty_field", "empty string", name)
     return value.strip()
+
+
+def _valid_unicode(value: str, where: _Where, name: str) -> None:
+    m = _SURROGATE.search(value)
+    if m:
+        raise where.error("bad_text", f"a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} "
+                          "(not a character; UTF-8 cannot encode it)", name)
 
 
 def _required_text(rec: dict, keys: Sequence[str], where: _Where) -> str:
@@ -283,16 +168,33 @@ def _turns(items: list, where: _Where, name: str, role_key: str, text_key: str) 
         if content is not None and not isinstance(content, str):
             raise where.error("wrong_type", f"expected a string, got {type(content).__name__}",
                               f"{name}[{i}].{text_key}")
+        _valid_unicode(content or "", where, f"{name}[{i}].{text_key}")
         out.append(Message(role, (content or "").strip()))
     return out
 
 
-def _conversation(messages: list[Message], *, drop_leading_assistant: bool = False) -> list[Message]:
-    """Drop empty turns and a trailing unanswered user turn; skip if no user or no assistant turn."""
+def _conversation(messages: list[Message], *, drop_leading_assistant: bool = False,
+                  where: _Where | None = None, name: str = "messages") -> list[Message]:
+    """Drop empty (null or blank) turns and trailing unanswered user turns; skip a record where
+    dropping an empty turn would join two turns of one role (other text than the data says), or
+    with no user or no assistant turn left. An assistant turn before any user turn is an error
+    (``where`` given), or dropped (ShareGPT)."""
+    prev, gap = None, False
+    for m in messages:
+        if not m.content:
+            gap = gap or m.role != "system"
+        elif gap and m.role == prev:
+            raise _Skip(f"empty turn between two {m.role} turns")
+        else:
+            prev, gap = m.role if m.role != "system" else prev, False
     msgs = [m for m in messages if m.content]
+    first = next((i for i, m in enumerate(messages) if m.role != "system"), None)
     if drop_leading_assistant:  # ShareGPT (FastChat convention): an answer to nothing is noise
         first_user = next((i for i, m in enumerate(msgs) if m.role == "user"), len(msgs))
         msgs = [m for i, m in enumerate(msgs) if i >= first_user or m.role == "system"]
+    elif where is not None and first is not None and messages[first].role == "assistant":
+        raise where.error("bad_order", "the conversation starts with an assistant turn (an answer to "
+                          "no question)", f"{name}[{first}].role")
     while msgs and msgs[-1].role != "assistant":
         msgs.pop()
     if not msgs:
@@ -332,6 +234,7 @@ def _record_id(rec: dict, where: _Where, default: str) -> str:
         return default
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise where.error("wrong_type", f"id must be a string or integer, got {type(value).__name__}", "id")
+    _valid_unicode(str(value), where, "id")
     return str(value)
 
 

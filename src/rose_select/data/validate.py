@@ -16,6 +16,7 @@ from rose_select.data.reading import (
     _Log,
     _open_text,
 )
+from rose_select.data.rawtext import _names
 from rose_select.errors import DataError
 
 # --------------------------------------------------------------------------- validation
@@ -33,6 +34,8 @@ class ValidationReport:
     problem_counts: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     subtask_counts: dict[str, int] | None = None
+    skipped_at: dict[str, list[str]] = field(default_factory=dict)  # why -> records skipped
+    kept_at: dict[str, list[str]] = field(default_factory=dict)  # why -> records kept, but unusual
 
     @property
     def ok(self) -> bool:
@@ -47,6 +50,9 @@ class ValidationReport:
             lines.append(f"subtasks ({len(self.subtask_counts)}): {counts}")
         if self.skipped:
             lines.append("skipped: " + ", ".join(f"{why} {n}" for why, n in sorted(self.skipped.items())))
+            lines += [f"  - {why}: {_names(at)}" for why, at in sorted(self.skipped_at.items())]
+        for why, at in sorted(self.kept_at.items()):
+            lines.append(f"warning: {len(at)} record(s) kept, but {why}: {_names(at)}")
         if self.problems:
             lines.append("problems: " + ", ".join(f"{k} {v}" for k, v in sorted(self.problem_counts.items())))
             lines += [f"  - {e}" for e in self.problems[:max_problems]]
@@ -88,10 +94,12 @@ def validate_file(path, kind: str = "auto", **loader_kwargs) -> ValidationReport
     except DataError as e:  # the file itself (missing, not JSON at all) is the problem
         log_.errors.append(e)
         records = []
+    if not records and not log_.errors:
+        log_.errors.append(log_.no_records(path))
     subtasks = dict(Counter(t.subtask for t in records)) if kind == "preference" else None
     return ValidationReport(path=str(path), kind=kind, file_format=log_.format, records=log_.entries,
                             valid=len(records), problems=log_.errors, subtask_counts=subtasks,
                             problem_counts=dict(Counter(getattr(e, "kind", "other") for e in log_.errors)),
-                            skipped=dict(log_.skipped))
+                            skipped=dict(log_.skipped), skipped_at=log_.skipped_at, kept_at=log_.kept_at)
 
 

@@ -207,6 +207,89 @@ def _exact_offsets(numels: dict) -> tuple[dict, int]:
     return offsets, start
 
 
+class _GradientHooks:
+    """The hooks of one forward/backward: forward hooks keep each LoRA layer's inputs (``x`` of
+    lora_A, ``h`` of lora_B); a tensor hook on every lora_B output receives ``dB`` in the backward
+    pass and hands that layer's per-row gradients to ``emit``; the input-embedding output is the
+    tensor the backward starts from. A context manager: the hooks exist only inside it."""
+
+    def __init__(self, model, pairs: dict, emit, rows: int):
+        self.model, self.pairs, self.emit, self.rows = model, pairs, emit, rows
+        self.saved: dict[str, Tensor] = {}
+        self.emb: list[Tensor] = []
+        self.handles: list = []
+
+    def __enter__(self) -> "_GradientHooks":
+        for pair in self.pairs.values():
+            self.handles.append(pair.lora_A.register_forward_hook(self._keep_input(pair.a_name)))
+            self.handles.append(pair.lora_B.register_forward_hook(self._on_b_output(pair)))
+        self.handles.append(self.model.get_input_embeddings().register_forward_hook(self._embedding_output))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.saved.clear()
+        self.emb.clear()
+
+    def backward(self, losses: Tensor) -> None:
+        """Propagate activation gradients only (no parameter gradient is formed)."""
+        if len(self.emb) != 1:
+            raise ConfigError(f"expected one input-embedding call in the forward pass, saw {len(self.emb)}")
+        torch.autograd.grad(losses.sum(), self.emb, allow_unused=True)
+
+    def _keep_input(self, name: str):
+        def hook(_mod, inputs, _output):
+            if torch.is_grad_enabled():
+                self.saved[name] = inputs[0]
+        return hook
+
+    def _on_b_output(self, pair: LoraPair):
+        def hook(_mod, inputs, output):
+            if torch.is_grad_enabled():
+                self.saved[pair.b_name] = inputs[0]
+                output.register_hook(lambda dB: self._layer_gradients(pair, dB))
+        return hook
+
+    def _layer_gradients(self, pair: LoraPair, dB: Tensor) -> None:
+        x, h = self.saved.pop(pair.a_name), self.saved.pop(pair.b_name)
+        ct = dB.dtype
+        gB = torch.einsum("bto,btr->bor", dB, h.to(ct))
+        dA = dB @ pair.lora_B.weight.to(ct)
+        del dB
+        gA = torch.einsum("btr,bti->bri", dA, x.to(ct))
+        del dA
+        self.emit(pair.a_name, gA.reshape(self.rows, -1))
+        del gA
+        self.emit(pair.b_name, gB.reshape(self.rows, -1))
+
+    def _embedding_output(self, _mod, _inputs, output):
+        if torch.is_grad_enabled():
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            self.emb.append(output)
+            return output
+
+
+def _item_map(rows: int, device, row_to_item, n_items, adam) -> tuple[Tensor, int]:
+    """Which item each batch row belongs to, and how many items (Adam needs one row per item)."""
+    row_to_item = (torch.arange(rows, device=device) if row_to_item is None
+                   else torch.as_tensor(row_to_item, device=device, dtype=torch.long))
+    n_items = int(row_to_item.max().item()) + 1 if n_items is None else n_items
+    if adam is not None and (n_items != rows or not torch.equal(row_to_item.cpu(), torch.arange(rows))):
+        raise ConfigError("Adam preconditioning is nonlinear: it needs exactly one batch row per item "
+                          "(use it with the SFT loss only)")
+    return row_to_item, n_items
+
+
+def _check_losses(losses: Tensor, n_items: int, ids: Sequence[str]) -> None:
+    if losses.shape != (n_items,):
+        raise ValueError(f"loss_fn returned shape {list(losses.shape)}, expected [{n_items}]")
+    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(f"non-finite loss for {len(bad)} item(s): {[ids[i] for i in bad][:20]}")
+
+
 def per_example_features(model, batch: dict, loss_fn: LossFn, projector=None, *,
                          row_to_item: Tensor | Sequence[int] | None = None, n_items: int | None = None,
                          item_ids: Sequence[str] | None = None, adam: AdamState | None = None,
@@ -221,88 +304,23 @@ def per_example_features(model, batch: dict, loss_fn: LossFn, projector=None, *,
     """
     if model.training:
         raise ConfigError("per-example features are taken in eval mode (no LoRA dropout): call model.eval()")
-    pairs = lora_pairs(model)
-    numels = param_numels(model)
-    rows = batch["input_ids"].shape[0]
-    device = batch["input_ids"].device
-    row_to_item = (torch.arange(rows, device=device) if row_to_item is None
-                   else torch.as_tensor(row_to_item, device=device, dtype=torch.long))
-    n_items = int(row_to_item.max().item()) + 1 if n_items is None else n_items
-    if adam is not None and (n_items != rows or not torch.equal(row_to_item.cpu(), torch.arange(rows))):
-        raise ConfigError("Adam preconditioning is nonlinear: it needs exactly one batch row per item "
-                          "(use it with the SFT loss only)")
+    pairs, numels = lora_pairs(model), param_numels(model)
+    rows, device = batch["input_ids"].shape[0], batch["input_ids"].device
+    row_to_item, n_items = _item_map(rows, device, row_to_item, n_items, adam)
     ids = list(item_ids) if item_ids is not None else [str(i) for i in range(n_items)]
-
-    if projector is None:
-        offsets, dim = _exact_offsets(numels)
-        row_out = torch.zeros(rows, dim, dtype=out_dtype, device=device)
-    else:
-        offsets, dim = None, projector.dim
-        row_out = torch.zeros(rows, dim, dtype=torch.float32, device=device)
+    offsets, dim = _exact_offsets(numels) if projector is None else (None, projector.dim)
+    row_out = torch.zeros(rows, dim, dtype=out_dtype if projector is None else torch.float32, device=device)
     emit = _Emitter(row_out, projector, adam, offsets)
-
-    saved: dict[str, Tensor] = {}
-    emb: list[Tensor] = []
-    handles = []
-
-    def save_input(name):
-        def hook(_mod, inputs, _output):
-            if torch.is_grad_enabled():
-                saved[name] = inputs[0]
-        return hook
-
-    def on_b_output(pair: LoraPair):
-        def process(dB: Tensor):
-            x, h = saved.pop(pair.a_name), saved.pop(pair.b_name)
-            ct = dB.dtype
-            gB = torch.einsum("bto,btr->bor", dB, h.to(ct))
-            dA = dB @ pair.lora_B.weight.to(ct)
-            del dB
-            gA = torch.einsum("btr,bti->bri", dA, x.to(ct))
-            del dA
-            emit(pair.a_name, gA.reshape(rows, -1))
-            del gA
-            emit(pair.b_name, gB.reshape(rows, -1))
-
-        def hook(_mod, inputs, output):
-            if torch.is_grad_enabled():
-                saved[pair.b_name] = inputs[0]
-                output.register_hook(process)
-        return hook
-
-    def emb_hook(_mod, _inputs, output):
-        if torch.is_grad_enabled():
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            emb.append(output)
-            return output
-
-    try:
-        for pair in pairs.values():
-            handles.append(pair.lora_A.register_forward_hook(save_input(pair.a_name)))
-            handles.append(pair.lora_B.register_forward_hook(on_b_output(pair)))
-        handles.append(model.get_input_embeddings().register_forward_hook(emb_hook))
+    with _GradientHooks(model, pairs, emit, rows) as hooks:
         with torch.enable_grad(), _autocast(device, autocast_dtype):
             losses = loss_fn(model, batch)
-        if losses.shape != (n_items,):
-            raise ValueError(f"loss_fn returned shape {list(losses.shape)}, expected [{n_items}]")
-        bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteError(f"non-finite loss for {len(bad)} item(s): {[ids[i] for i in bad][:20]}")
-        if len(emb) != 1:
-            raise ConfigError(f"expected one input-embedding call in the forward pass, saw {len(emb)}")
-        torch.autograd.grad(losses.sum(), emb, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-        saved.clear()
-        emb.clear()
+        _check_losses(losses, n_items, ids)
+        hooks.backward(losses)
     if adam is not None:  # a parameter whose gradient is zero still has an Adam feature
-        for name, pair in pairs.items():
+        for pair in pairs.values():
             for n in (pair.a_name, pair.b_name):
                 if n not in emit.seen:
                     emit(n, torch.zeros(rows, numels[n], device=device, dtype=torch.float32))
-
     if torch.equal(row_to_item, torch.arange(rows, device=device)) and n_items == rows:
         out = row_out
     else:

@@ -10,6 +10,10 @@ Losses:
   length-normalised pairwise direction ``sft_chosen - sft_rejected`` (``rose select --direction
   pairwise_ln``); the pairwise loss direction itself uses summed log-probabilities.
 
+``chosen_output`` (loss ``pairwise``): also write the ``sft_chosen`` features of the same triples
+into a second store, from the same forward/backward pass (``joint.py``). ``ref: auto`` skips the
+pairwise reference forward; its store records ``pair_scale: unweighted`` (see ``joint.py``).
+
 ``checkpoint`` is a warm-up checkpoint directory (peft adapter, plus ``optimizer_state.safetensors``
 for Adam). Without one, a fresh LoRA adapter (``lora`` settings, peft's init: B = 0, so only the B
 matrices have non-zero gradients) is attached: base-model features, for ablations.
@@ -28,51 +32,84 @@ whole batches are dealt to ranks round-robin and rank 0 writes every row (``dist
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rose_select.errors import ConfigError, DataError, NonFiniteError, StoreMismatchError
-from rose_select.modeling import LoraSettings
+from rose_select.errors import ConfigError, DataError, NonFiniteError
+from rose_select.features.joint import load_reference, pair_scale
+from rose_select.features.sink import outputs
+from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.runtime import progress_disabled, resolve_device
+from rose_select.tokenization import TokenizeConfig
 
 log = logging.getLogger(__name__)
 LOSSES = ("sft", "pairwise", "sft_chosen", "sft_rejected")
-FEATURIZE_VERSION = 2  # 2: one global batch plan; a fresh adapter is seeded
+FEATURIZE_VERSION = 3  # 2: one global batch plan; a fresh adapter is seeded; 3: model by content
+
+
+STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass
-class FeaturizeConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "base model (HF id, local dir or smollm2-135m)"})
-    checkpoint: Optional[str] = field(default=None, metadata={"help": "LoRA checkpoint dir (adapter + optimizer state); none: a fresh adapter from `lora`"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: str = field(default="", metadata={"help": "data file (pool or preference triples)"})
-    data_kind: str = field(default="auto", metadata={"help": "pool | preference | auto (pool for loss sft)"})
-    data_format: str = field(default="auto", metadata={"help": "loader format (see data.py)"})
-    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N records"})
-    loss: str = field(default="sft", metadata={"help": "sft | pairwise | sft_chosen | sft_rejected"})
-    adam: Optional[bool] = field(default=None, metadata={"help": "Adam-precondition (default: true for sft, must be false otherwise)"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of the preconditioning"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of the preconditioning"})
-    adam_eps: float = field(default=1e-8, metadata={"help": "Adam eps (inside the square root)"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (pairwise loss)"})
-    ref: str = field(default="base", metadata={"help": "pairwise reference: base (adapters off) | self | <model path>"})
+class FeatureSettings:
+    """How features are computed and stored, whatever the data: the ``featurize`` section of a run."""
+
     projection: str = field(default="sjlt", metadata={"help": "none | rademacher | sjlt"})
     dim: int = field(default=8192, metadata={"help": "projection dimension (ignored for none)"})
     seed: int = field(default=0, metadata={"help": "projection seed (shared by both sides); also seeds a fresh adapter"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward"})
-    max_length: int = field(default=512, metadata={"help": "maximum tokens per sequence"})
-    template: str = field(default="auto", metadata={"help": "auto | chat | less"})
-    truncation: str = field(default="auto", metadata={"help": "auto | keep_start | keep_end (as in training; see tokenization.py)"})
-    padding_side: str = field(default="right", metadata={"help": "left | right"})
-    dtype: str = field(default="float16", metadata={"help": "storage dtype: float16 | float32"})
-    model_dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16 | float64"})
+    store_dtype: str = field(default="float16", metadata={"help": "feature storage dtype: float16 | float32"})
     autocast: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA) | none | bfloat16 | float16"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    output: str = field(default="", metadata={"help": "feature store directory"})
+    padding_side: str = field(default="right", metadata={"help": "left | right"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (pairwise loss)"})
+    ref: str = field(default="auto", metadata={"help": "pairwise reference: auto (skipped: enough for cosine scoring, rose/shapley) | base (adapters off: the true DPO scale, for influence) | self | <model path>"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of the preconditioning"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of the preconditioning"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam eps (inside the square root)"})
+
+    RENAMED = {"dtype": "store_dtype"}
 
     def __post_init__(self):
+        checks = [
+            (self.projection in ("none", "rademacher", "sjlt"), f"projection must be none|rademacher|sjlt, got {self.projection!r}"),
+            (self.projection == "none" or self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.padding_side in ("left", "right"), f"padding_side must be left|right, got {self.padding_side!r}"),
+            (self.store_dtype in STORE_DTYPES, f"store_dtype must be float16|float32, got {self.store_dtype!r}"),
+            (self.autocast in ("auto", "none", "bfloat16", "float16"), f"autocast must be auto|none|bfloat16|float16, got {self.autocast!r}"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0,
+             "adam_beta1/adam_beta2 must lie in [0, 1) and adam_eps be > 0"),
+            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclass
+class FeaturizeConfig(ModelSettings, FeatureSettings):
+    """One feature store: a model (+ checkpoint), a data file and a loss."""
+
+    checkpoint: Optional[str] = field(default=None, metadata={"help": "LoRA checkpoint dir (adapter + optimizer state); none: a fresh adapter from `lora`"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    data: str = field(default="", metadata={"help": "data file (pool or preference triples)"})
+    data_kind: str = field(default="auto", metadata={"help": "pool | preference | auto (pool for loss sft)"})
+    data_format: str = field(default="auto", metadata={"help": "loader format (see rose_select.data)"})
+    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N records"})
+    loss: str = field(default="sft", metadata={"help": "sft | pairwise | sft_chosen | sft_rejected"})
+    adam: Optional[bool] = field(default=None, metadata={"help": "Adam-precondition (default: true for sft, must be false otherwise)"})
+    chosen_output: Optional[str] = field(default=None, metadata={"help": "loss pairwise: also write the chosen answers' sft_chosen features (LESS) to this store, from the same pass"})
+    output: str = field(default="", metadata={"help": "feature store directory"})
+
+    RENAMED = {**FeatureSettings.RENAMED, "max_length": "tokenize.max_length",
+               "template": "tokenize.template", "truncation": "tokenize.truncation"}
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.adam is None:
@@ -88,46 +125,19 @@ class FeaturizeConfig:
         if (self.data_kind == "pool") != (self.loss == "sft"):
             raise ConfigError(f"loss {self.loss!r} needs data_kind "
                               f"{'pool' if self.loss == 'sft' else 'preference'}, got {self.data_kind!r}")
-        if self.projection not in ("none", "rademacher", "sjlt"):
-            raise ConfigError(f"projection must be none|rademacher|sjlt, got {self.projection!r}")
-        if self.projection != "none" and self.dim < 1:
-            raise ConfigError(f"dim must be >= 1, got {self.dim}")
-        for name in ("batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.truncation not in ("auto", "keep_start", "keep_end"):
-            raise ConfigError(f"truncation must be auto|keep_start|keep_end, got {self.truncation!r}")
-        if self.padding_side not in ("left", "right"):
-            raise ConfigError(f"padding_side must be left|right, got {self.padding_side!r}")
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"dtype must be float16|float32, got {self.dtype!r}")
-        if self.model_dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ConfigError(f"model_dtype must be float32|bfloat16|float16|float64, got {self.model_dtype!r}")
-        if self.autocast not in ("auto", "none", "bfloat16", "float16"):
-            raise ConfigError(f"autocast must be auto|none|bfloat16|float16, got {self.autocast!r}")
-        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1 or self.adam_eps <= 0:
-            raise ConfigError("adam_beta1/adam_beta2 must lie in [0, 1) and adam_eps be > 0")
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not self.data:
             raise ConfigError("data: a data file is required")
         if not self.output:
             raise ConfigError("output: a feature store directory is required")
+        if self.chosen_output and self.loss != "pairwise":
+            raise ConfigError(f"chosen_output comes from the pairwise pass: it needs loss pairwise, not {self.loss!r}")
+        if self.chosen_output and Path(self.chosen_output).resolve() == Path(self.output).resolve():
+            raise ConfigError(f"chosen_output and output are the same directory ({self.output})")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def resolve_device(device: str, local_rank: int | None = None):
-    """The torch device; in a multi-process run a CUDA device is ``cuda:LOCAL_RANK``."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    return torch.device("cuda", local_rank) if local_rank is not None and dev.type == "cuda" else dev
-
 
 def autocast_dtype(cfg: FeaturizeConfig, device):
     import torch
@@ -157,9 +167,9 @@ def _load_items(cfg: FeaturizeConfig, tokenizer):
     """(ids, groups, encodings) where an encoding is a list of rows (1 row, or chosen+rejected)."""
     from rose_select import data
     from rose_select.records import Message
-    from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record, encode_triple
+    from rose_select.tokenization import encode_messages, encode_record, encode_triple
 
-    tcfg = TokenizeConfig(max_length=cfg.max_length, template=cfg.template, truncation=cfg.truncation)
+    tcfg = cfg.tokenize
     if cfg.data_kind == "pool":
         recs = data.load_pool(cfg.data, format=cfg.data_format, limit=cfg.limit)
         return [r.id for r in recs], None, _encode_all(recs, lambda r: [encode_record(r, tokenizer, tcfg)], cfg.data)
@@ -196,12 +206,13 @@ def plan_rounds(batches: list[list[int]], world: int) -> list[list[list[int]]]:
 def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: str | None,
                          data_sha: str) -> dict:
     import rose_select
+    from rose_select.modeling import model_identity
 
     ckpt = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
     return {
         "stage": "featurize", "featurize_version": FEATURIZE_VERSION,
         "rose_select_version": getattr(rose_select, "__version__", "?"),
-        "model": cfg.model, "model_dtype": cfg.model_dtype,
+        "model": model_identity(cfg.model), "model_dtype": cfg.model_dtype,  # by content, not path
         "checkpoint": ckpt, "adapter_sha256": adapter_sha,
         "lora": None if cfg.checkpoint else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                              "target_modules": list(cfg.lora.target_modules),
@@ -212,8 +223,9 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "adam_hparams": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps] if cfg.adam else None,
         "beta": cfg.beta if cfg.loss == "pairwise" else None,
         "ref": cfg.ref if cfg.loss == "pairwise" else None,
-        "projection": projector_fp, "max_length": cfg.max_length, "template": cfg.template,
-        "truncation": cfg.truncation, "batch_size": cfg.batch_size, "padding_side": cfg.padding_side,
+        **({"pair_scale": pair_scale(cfg.ref)} if cfg.loss == "pairwise" else {}),
+        "projection": projector_fp, "max_length": cfg.tokenize.max_length, "template": cfg.tokenize.template,
+        "truncation": cfg.tokenize.truncation, "batch_size": cfg.batch_size, "padding_side": cfg.padding_side,
         "autocast": cfg.autocast,
     }
 
@@ -249,6 +261,9 @@ class _Job:
     amp: object
     pad_id: int
     device: object
+    outputs: list  # sink.Output per store: one, or pairwise + chosen for the joint pass
+    store_dtype: str
+    ref: object = None  # the joint pass's reference ("auto", "base", "self" or a model)
 
 
 def _load_lora_model(cfg: FeaturizeConfig, device):
@@ -273,20 +288,6 @@ def _load_lora_model(cfg: FeaturizeConfig, device):
     return model, adapter_sha
 
 
-def _loss_fn(cfg: FeaturizeConfig, device):
-    from rose_select.features import gradients as G
-    from rose_select.modeling import load_model
-
-    if cfg.loss != "pairwise":
-        return G.sft_loss_fn
-    ref = cfg.ref
-    if ref not in ("base", "self"):
-        ref = load_model(cfg.ref, dtype=cfg.model_dtype, device=str(device)).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-    return G.pairwise_loss_fn(cfg.beta, ref)
-
-
 def _prepare(cfg: FeaturizeConfig, device) -> _Job:
     from rose_select.features import gradients as G
     from rose_select.modeling import load_tokenizer
@@ -304,15 +305,18 @@ def _prepare(cfg: FeaturizeConfig, device) -> _Job:
         adam = G.load_adam_state(cfg.checkpoint, model, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
                                  eps=cfg.adam_eps, device=device)
     settings = settings_fingerprint(cfg, projector.fingerprint(), adapter_sha, _file_sha(cfg.data))
-    return _Job(ids, groups, encs, model, projector, settings, adam, _loss_fn(cfg, device),
-                autocast_dtype(cfg, device), tokenizer.pad_token_id, device)
+    ref = load_reference(cfg.ref, cfg.model_dtype, device) if cfg.loss == "pairwise" else None
+    loss_fn = G.pairwise_loss_fn(cfg.beta, ref) if cfg.loss == "pairwise" else G.sft_loss_fn
+    return _Job(ids, groups, encs, model, projector, settings, adam, loss_fn, autocast_dtype(cfg, device),
+                tokenizer.pad_token_id, device, outputs(cfg.output, cfg.chosen_output, settings), cfg.store_dtype, ref)
 
 
-# --------------------------------------------------------------------------- batches and the store
+# --------------------------------------------------------------------------- batches
 
 def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
-    """``[len(rows), dim]`` float32 features of one batch, on the job's device."""
+    """``[len(rows), k * dim]`` float32 features of one batch (k outputs), on the job's device."""
     from rose_select.features import gradients as G
+    from rose_select.features.joint import joint_features
     from rose_select.tokenization import collate
 
     seqs = [job.encs[i][0] for i in rows]
@@ -321,98 +325,61 @@ def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
         seqs += [job.encs[i][1] for i in rows]
         row_to_item = G.pair_row_to_item(len(rows), job.device)
     batch = {k: v.to(job.device) for k, v in collate(seqs, job.pad_id, cfg.padding_side).items()}
+    item_ids = [job.ids[i] for i in rows]
     try:
+        if len(job.outputs) == 2:
+            return joint_features(job.model, batch, job.projector, ref=job.ref, beta=cfg.beta,
+                                  item_ids=item_ids, autocast_dtype=job.amp).float()
         feats = G.per_example_features(job.model, batch, job.loss_fn, job.projector, row_to_item=row_to_item,
-                                       n_items=len(rows), item_ids=[job.ids[i] for i in rows],
-                                       adam=job.adam, autocast_dtype=job.amp)
+                                       n_items=len(rows), item_ids=item_ids, adam=job.adam, autocast_dtype=job.amp)
     except NonFiniteError as e:
         raise NonFiniteError(f"{cfg.data}: {e}; nothing of this batch was written. Check the model "
                              f"({cfg.model}) and checkpoint ({cfg.checkpoint}) for NaN/inf weights") from None
     return feats.float()
 
 
-def _store_kwargs(job: _Job, cfg: FeaturizeConfig) -> dict:
-    return dict(n_rows=len(job.ids), dim=job.projector.dim, dtype=cfg.dtype, settings=job.settings,
-                row_ids=job.ids, row_groups=job.groups)
-
-
-def _open_existing(cfg: FeaturizeConfig, job: _Job):
-    """The store to resume (after checking its settings), or None: it is created at the first
-    write, so inputs that fail on the first batch leave no output behind."""
-    from rose_select.features.store import META, FeatureStore
-
-    if not (Path(cfg.output) / META).exists():
-        if Path(cfg.output).exists() and any(Path(cfg.output).iterdir()):
-            raise StoreMismatchError(f"{cfg.output} exists but is not a feature store (no {META}); "
-                                     f"use a new output directory or delete it")
-        return None
-    return FeatureStore.open(cfg.output, **_store_kwargs(job, cfg))
-
-
-def _done_mask(store, n: int):
-    """``[n]`` uint8, 1 where a row already has features (all 0 before the store exists)."""
-    import numpy as np
-
-    done = np.zeros(n, dtype=np.uint8)
-    if store is not None:
-        done[:] = 1
-        done[store.pending()] = 0
-    return done
-
-
-def _write_round(cfg: FeaturizeConfig, job: _Job, store, round_, got, done) -> tuple[object, int]:
-    """Write the pending rows of a round's batches (creating the store first if needed)."""
-    from rose_select.features.store import FeatureStore
-
-    store = store or FeatureStore.open(cfg.output, **_store_kwargs(job, cfg))
-    written = 0
-    for rows, feats in zip(round_, got):
-        keep = [j for j, i in enumerate(rows) if not done[i]]
-        store.write([rows[j] for j in keep], feats[keep].numpy())
-        written += len(keep)
-    return store, written
-
-
-def _round(cfg: FeaturizeConfig, job: _Job, d, store, round_, done) -> tuple[object, int]:
+def _round(cfg: FeaturizeConfig, job: _Job, d, stores, round_, done) -> tuple[list, int]:
     """One round: every rank computes its batch (if it has one), rank 0 writes them all; a
-    failure anywhere stops every rank. Returns (store, rows written)."""
+    failure anywhere stops every rank. Returns (stores, rows written)."""
     from rose_select.features import distributed as D
+    from rose_select.features import sink
 
     mine = round_[d.rank] if d.rank < len(round_) else None
     feats, err = D.attempt(lambda: _batch_features(cfg, job, mine)) if mine else (None, None)
     D.agree(d, err)
-    got = D.gather_features(d, feats, cfg.batch_size, job.projector.dim)
+    got = D.gather_features(d, feats, cfg.batch_size, job.projector.dim * len(job.outputs))
     if not d.is_main:
         D.agree(d, None)  # learns whether rank 0's write failed
-        return store, 0
-    outcome, err = D.attempt(lambda: _write_round(cfg, job, store, round_, got, done))
+        return stores, 0
+    outcome, err = D.attempt(lambda: sink.write_round(job, stores, round_, got, done))
     D.agree(d, err)
     return outcome
 
 
-def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, store, rounds, done, stop_after: int | None):
-    """All rounds, with a progress bar on rank 0. Returns (store, finished)."""
+def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, stores, rounds, done, stop_after: int | None):
+    """All rounds, with a progress bar on rank 0. Returns (stores, finished)."""
     from tqdm.auto import tqdm
 
     todo = sum(1 for r in rounds for b in r for i in b if not done[i])
     bar = tqdm(total=todo, desc=f"featurize {Path(cfg.output).name}", unit="ex", dynamic_ncols=True,
-               disable=os.environ.get("ROSE_NO_PROGRESS") == "1" or not d.is_main)
+               disable=progress_disabled() or not d.is_main)
     try:
         for k, round_ in enumerate(rounds):
             if stop_after is not None and k >= stop_after:
-                return store, False
-            store, written = _round(cfg, job, d, store, round_, done)
+                return stores, False
+            stores, written = _round(cfg, job, d, stores, round_, done)
             bar.update(written)
     finally:
         bar.close()
-    return store, True
+    return stores, True
 
 
 # --------------------------------------------------------------------------- the stage
 
 def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None,
                   stats: dict | None = None) -> Path:
-    """Compute (or resume) the feature store ``cfg.output``; returns its path.
+    """Compute (or resume) the feature store ``cfg.output`` (and ``cfg.chosen_output``); returns
+    the path of ``cfg.output``.
 
     Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) every process calls this; they
     split the batches and rank 0 writes the store. The store is created only once the first
@@ -421,6 +388,7 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
     ``stats``, if given, receives ``batches`` and ``seconds`` of this process's batch loop
     (benchmarks)."""
     from rose_select.features import distributed as D
+    from rose_select.features import sink
 
     _, world, local_rank = D.env_ranks()
     device = resolve_device(cfg.device, local_rank if world > 1 else None)
@@ -431,19 +399,19 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
         if len(set(tokens)) > 1:
             raise ConfigError(f"the ranks loaded different inputs (settings hashes {tokens}): every node "
                               f"needs the same model, checkpoint and data files")
-        store, err = D.attempt(lambda: _open_existing(cfg, job)) if d.is_main else (None, None)
+        stores, err = D.attempt(lambda: sink.open_existing(job)) if d.is_main else ([None] * len(job.outputs), None)
         D.agree(d, err)
-        done = D.broadcast_mask(d, _done_mask(store, len(job.ids)))
+        done = D.broadcast_mask(d, sink.done_mask(stores, len(job.ids)))
         batches = [b for b in plan_batches(job.encs, cfg.batch_size) if not all(done[i] for i in b)]
         t0 = time.perf_counter()
-        store, finished = _run_rounds(cfg, job, d, store, plan_rounds(batches, d.world), done,
-                                      stop_after_batches)
+        stores, finished = _run_rounds(cfg, job, d, stores, plan_rounds(batches, d.world), done,
+                                       stop_after_batches)
         seconds = time.perf_counter() - t0
         if stats is not None:
             stats.update(batches=len(batches), seconds=seconds)
-        if d.is_main and finished and store is not None and not store.meta.get("complete"):
+        if d.is_main and finished:
             log.info("featurized %d batches in %.1fs", len(batches), seconds)
-            store.finalize()
+            sink.finalize(stores)
     finally:
         D.stop(d)
     return Path(cfg.output)

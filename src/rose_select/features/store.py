@@ -12,17 +12,17 @@ Directory layout:
 Crash safety: a store is built in a hidden sibling directory and renamed into place whole, so a
 directory with ``meta.json`` is always a complete, valid store. ``write`` flushes features before
 marking rows done, so a crash can lose work but never marks a row done without its features.
-Several processes on one host may write disjoint rows at once (the memmaps are shared): one
-process (rank 0) calls ``FeatureStore.open`` and ``finalize``; the others ``FeatureStore.attach``.
+One process writes a store: in a multi-process run, rank 0 receives every rank's rows and writes
+them (``features/distributed.py``), so no shared filesystem is needed across nodes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
-import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +31,7 @@ import numpy as np
 
 import rose_select
 from rose_select.errors import ConfigError, NonFiniteError, RoseError, StoreMismatchError
-from rose_select.io import read_json, write_json
+from rose_select.io import read_json, remove_stale_temps, write_json
 
 FEATURES, DONE, ROWS, META = "features.npy", "done.npy", "rows.json", "meta.json"
 DTYPES = ("float16", "float32")
@@ -142,31 +142,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete half-built siblings left by creators that died (``.NAME.creating-PID-*``)."""
-    prefix = f".{path.name}.creating-"
-    for tmp in path.parent.iterdir():
-        pid = tmp.name[len(prefix):].split("-")[0] if tmp.name.startswith(prefix) else ""
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_files(tmp: Path, spec: dict) -> None:
     n, d = spec["n_rows"], spec["dim"]
     for name, dtype, shape in ((FEATURES, spec["dtype"], (n, d)), (DONE, np.uint8, (n,))):
         arr = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=shape)
         arr.flush()
         del arr
+        _reserve(tmp / name)
     write_json(tmp / ROWS, {"ids": spec["ids"], "groups": spec["groups"]})
     now = _now()
     write_json(tmp / META, {"settings": spec["settings"], "n_rows": n, "dim": d,
@@ -191,10 +173,16 @@ def _create(path: Path, spec: dict) -> None:
         raise StoreMismatchError(f"{path} exists but is not a feature store (no {META}); "
                                  f"use a new output directory or delete {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
+    remove_stale_temps(path, "creating")
+    _check_free_space(path.parent, spec)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-{os.getpid()}-", dir=path.parent))
     try:
-        _write_files(tmp, spec)
+        try:
+            _write_files(tmp, spec)
+        except OSError as e:  # name the store's path, not the hidden temporary's
+            if e.filename is None or not str(e.filename).startswith(str(tmp)):
+                raise
+            raise OSError(e.errno, e.strerror, str(path) + str(e.filename)[len(str(tmp)):]) from None
         try:
             os.rename(tmp, path)
         except OSError:
@@ -229,20 +217,6 @@ class FeatureStore:
         _check_rows(spec)
         if not (path / META).exists():
             _create(path, spec)
-        return cls._load(path, spec)
-
-    @classmethod
-    def attach(cls, path, *, timeout_s: float = 600.0, poll_s: float = 0.5, settings=None,
-               n_rows=None, dim=None, dtype=None, row_ids=None) -> "FeatureStore":
-        """Open a store another process is creating: wait up to ``timeout_s`` for it to appear,
-        then check whichever of the layout arguments are given."""
-        path, deadline = Path(path), time.monotonic() + timeout_s
-        while not (path / META).exists():
-            if time.monotonic() > deadline:
-                raise StoreNotReadyError(f"{path}: no feature store appeared within {timeout_s}s "
-                                         f"(the creating process calls FeatureStore.open)")
-            time.sleep(poll_s)
-        spec = _spec(n_rows=n_rows, dim=dim, dtype=dtype, settings=settings, row_ids=row_ids)
         return cls._load(path, spec)
 
     @classmethod
@@ -321,7 +295,57 @@ class FeatureStore:
         write_json(self.path / META, self.meta)
 
 
+def _check_free_space(where: Path, spec: dict) -> None:
+    """Refuse, before anything is written, a store the disk cannot hold: a memmap that runs out
+    of space dies of SIGBUS instead of raising."""
+    need = spec["n_rows"] * (spec["dim"] * np.dtype(spec["dtype"]).itemsize + 1) + (1 << 20)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise StoreNotReadyError(f"{where}: not enough free space for the feature store: it needs "
+                                 f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some "
+                                 f"space or choose another output directory")
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of a (sparse) array file now, so writing rows later cannot hit a full
+    disk inside the memmap (SIGBUS); a full disk is an ``OSError`` naming the file here instead."""
+    size = path.stat().st_size
+    if path.stat().st_blocks * 512 >= size or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _check_size(path: Path, dtype, shape: tuple) -> None:
+    """The file must hold exactly its header plus the array: a truncated file (an interrupted
+    copy, a full disk) would otherwise be zero-extended by the memmap and its rows read as zeros."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape_, _, dtype_ = read(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreMismatchError(f"{path} is damaged ({e}); delete {path.parent} to recompute") from None
+    expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    actual = path.stat().st_size
+    if actual != expected and (shape_, dtype_) == (tuple(shape), np.dtype(dtype)):
+        raise StoreMismatchError(
+            f"{path} is damaged: {actual} bytes, but its header and meta.json need {expected} "
+            f"(an interrupted copy or a full disk?); copy the store again from its source, or delete "
+            f"{path.parent} to recompute")
+
+
 def _open_array(path: Path, mode: str, dtype, shape: tuple) -> np.ndarray:
+    _check_size(path, dtype, shape)
+    if mode == "r+":
+        _reserve(path)
     try:  # an object-dtype (pickled) array is refused by open_memmap before any unpickling
         arr = np.lib.format.open_memmap(path, mode=mode)
     except ValueError as e:

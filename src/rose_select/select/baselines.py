@@ -117,11 +117,6 @@ def dsir_bucket_ids(text: str, num_buckets: int = 10000, ngram: int = 2, *, _buc
     return np.fromiter((bucket(g) for g in dsir_ngrams(text, ngram)), dtype=dtype)
 
 
-def dsir_features(text: str, num_buckets: int = 10000, ngram: int = 2) -> np.ndarray:
-    """Hashed n-gram count vector ``[num_buckets]`` of one text (the package's ``featurizer``)."""
-    return np.bincount(dsir_bucket_ids(text, num_buckets, ngram), minlength=num_buckets)
-
-
 def dsir_log_weights(pool_texts: Sequence[str], target_texts: Sequence[str], *,
                      num_buckets: int = 10000, ngram: int = 2, smoothing: float = 0.0,
                      progress: bool = True) -> np.ndarray:

@@ -21,7 +21,6 @@ Zero vectors have no direction: their cosine with anything is defined as 0, and 
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import warnings
@@ -32,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from rose_select.errors import ConfigError, DataError, NonFiniteError, StoreMismatchError
+from rose_select.features.store import open_features
 
 # Norms at or below this are treated as zero vectors (float32's smallest normal number).
 _TINY = float(np.finfo(np.float32).tiny)
@@ -366,14 +366,7 @@ class StoreFeatures:
 def load_store_features(path: str | os.PathLike) -> StoreFeatures:
     """Open a feature store directory read-only (``features.npy`` memmapped, ``rows.json``)."""
     path = Path(path)
-    try:
-        from rose_select.features.store import open_features  # the real store module, when present
-    except ImportError:
-        open_features = None
-    if open_features is not None:
-        feats, meta, rows = open_features(path)
-    else:
-        feats, meta, rows = _open_features_fallback(path)
+    feats, meta, rows = open_features(path)
     ids = [str(i) for i in rows["ids"]]
     groups = rows.get("groups")
     if feats.ndim != 2 or feats.shape[0] != len(ids):
@@ -382,19 +375,6 @@ def load_store_features(path: str | os.PathLike) -> StoreFeatures:
     if groups is not None and len(groups) != len(ids):
         raise DataError(f"rows.json: {len(groups)} groups for {len(ids)} ids", path=str(path))
     return StoreFeatures(feats, ids, None if groups is None else [str(g) for g in groups], meta or {})
-
-
-def _open_features_fallback(path: Path):
-    for name in ("features.npy", "rows.json"):
-        if not (path / name).exists():
-            raise DataError(f"not a feature store: {name} is missing", path=str(path))
-    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
-    if meta.get("complete") is False:
-        raise DataError("feature store is incomplete (meta.json complete=false); "
-                        "finish (resume) featurization first", path=str(path))
-    feats = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
-    rows = json.loads((path / "rows.json").read_text())
-    return feats, meta, rows
 
 
 def score_stores(train_paths: Sequence[str | os.PathLike], val_paths: Sequence[str | os.PathLike],

@@ -7,12 +7,18 @@ text methods (random, bm25, dsir) read only the data; ``rds`` embeds texts with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from rose_select.errors import ConfigError
+from rose_select.checkpoints import read_warmup_checkpoints, warmup_epochs
+from rose_select.errors import ConfigError, DataError
+from rose_select.modeling import ModelSettings
+from rose_select.select.scoring import DIRECTIONS
+from rose_select.select.topk import count_for_fraction, select_balanced
+from rose_select.tokenization import TokenizeConfig
 
 # Presets of ROSE variants (``rose`` itself is the paper's method, exactly): the validation
 # direction and the weight of the chosen-answer (LESS) direction added to it; see
@@ -23,8 +29,62 @@ METHODS = ("rose", "less", "random", "bm25", "rds", "dsir", "influence", "shaple
 GRADIENT_METHODS = ("rose", "less", "influence", "shapley", *VARIANTS)
 
 
+# Options of the per-subtask gradient scores, with their defaults (the paper's method), and the
+# methods each applies to: a preset fixes its own direction and centring.
+ROSE_OPTIONS = {"direction": "pairwise", "chosen_weight": 0.0, "center": False, "standardize": False, "balanced": False}
+
+
+def applicable_options(method: str) -> tuple[str, ...]:
+    """The ``ROSE_OPTIONS`` that ``method`` uses (a run's select section applies them only there)."""
+    if method == "rose":
+        return tuple(ROSE_OPTIONS)
+    if method == "less":
+        return ("center", "standardize", "balanced")
+    if method in VARIANTS:
+        return ("standardize", "balanced")
+    return ()
+
+
+def method_settings(settings: "SelectSettings", method: str) -> dict:
+    """A run's select section for one method: every setting, with the options ``method`` does not
+    use reset to their defaults (so one section serves every method of a run)."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SelectSettings)}
+    unused = {k: v for k, v in ROSE_OPTIONS.items() if k not in applicable_options(method)}
+    return {**values, **unused}
+
+
 @dataclass
-class SelectConfig:
+class SelectSettings:
+    """How a selection is scored and cut, whatever the method's inputs: the ``select`` section of a run."""
+
+    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
+    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
+    direction: str = field(default="pairwise", metadata={"help": "rose: validation direction, pairwise (the paper: summed log-probs) | pairwise_ln (length-normalised; needs val_chosen/val_rejected stores)"})
+    chosen_weight: float = field(default=0.0, metadata={"help": "rose: add this times the unit chosen-answer SFT (LESS) direction to the pairwise one (needs val_chosen_features)"})
+    center: bool = field(default=False, metadata={"help": "rose/less: subtract the pool's mean feature (the warm-up momentum every Adam feature shares) before the cosine"})
+    standardize: bool = field(default=False, metadata={"help": "rose/less/variants: z-score each subtask's scores over the pool before the max"})
+    balanced: bool = field(default=False, metadata={"help": "rose/less/variants: subtask-balanced selection, round robin over subtasks instead of the global top-k"})
+    rds_pooling: str = field(default="mean", metadata={"help": "rds: mean | last token"})
+    damping: float = field(default=0.1, metadata={"help": "influence: damping as a fraction of the mean diagonal"})
+    knn_k: int = field(default=10, metadata={"help": "shapley: K of KNN-Shapley"})
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.reduce not in ("max", "mean"):
+            raise ConfigError(f"reduce must be max|mean, got {self.reduce!r}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.rds_pooling not in ("mean", "last"):
+            raise ConfigError(f"rds_pooling must be mean|last, got {self.rds_pooling!r}")
+        getattr(super(), "__post_init__", lambda: None)()
+
+
+@dataclass
+class SelectConfig(ModelSettings, SelectSettings):
+    """One selection: a method, the pool, the target's validation file and (gradient methods) the
+    feature stores. The model settings serve rds, which embeds texts."""
+
     method: str = field(default="rose", metadata={"help": "|".join(METHODS)})
     pool: str = field(default="", metadata={"help": "instruction pool file"})
     pool_format: str = field(default="auto", metadata={"help": "pool format (auto|messages|alpaca|sharegpt|...)"})
@@ -33,54 +93,36 @@ class SelectConfig:
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of a contiguous preference file"})
     pool_features: list[str] = field(default_factory=list, metadata={"help": "pool feature stores, one per checkpoint"})
     val_features: list[str] = field(default_factory=list, metadata={"help": "validation feature stores, one per checkpoint (pairwise for rose, sft_chosen for less)"})
-    warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its lr_log.json gives checkpoint weights"})
+    warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its checkpoints' mean learning rates give the checkpoint weights"})
     checkpoint_weights: list[float] | None = field(default=None, metadata={"help": "override the checkpoint weights"})
-    direction: str = field(default="pairwise", metadata={"help": "rose: validation direction, pairwise (the paper: summed log-probs) | pairwise_ln (length-normalised; needs val_chosen/val_rejected stores)"})
-    chosen_weight: float = field(default=0.0, metadata={"help": "rose: add this times the unit chosen-answer SFT (LESS) direction to the pairwise one (needs val_chosen_features)"})
     val_chosen_features: list[str] = field(default_factory=list, metadata={"help": "sft_chosen validation stores, one per checkpoint (rose variants)"})
     val_rejected_features: list[str] = field(default_factory=list, metadata={"help": "sft_rejected validation stores, one per checkpoint (direction pairwise_ln)"})
-    center: bool = field(default=False, metadata={"help": "subtract the pool's mean feature (the warm-up momentum every Adam feature shares) before the cosine (gradient methods)"})
-    standardize: bool = field(default=False, metadata={"help": "z-score each subtask's scores over the pool before the max (gradient methods)"})
-    balanced: bool = field(default=False, metadata={"help": "subtask-balanced selection: round robin over subtasks instead of the global top-k (gradient methods)"})
-    reduce: str = field(default="max", metadata={"help": "max | mean over subtasks"})
-    fraction: float = field(default=0.05, metadata={"help": "fraction of the pool to select"})
     count: int | None = field(default=None, metadata={"help": "number to select (overrides fraction)"})
     quotas: dict | None = field(default=None, metadata={"help": "per-source quotas {source: fraction or count} (YAML)"})
     seed: int = field(default=0, metadata={"help": "seed (random, dsir)"})
-    model: str = field(default="smollm2-135m", metadata={"help": "model for rds"})
     adapter: str | None = field(default=None, metadata={"help": "adapter for rds (optional)"})
-    rds_pooling: str = field(default="mean", metadata={"help": "mean | last token"})
-    max_length: int = field(default=512, metadata={"help": "max tokens for rds embeddings"})
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     batch_size: int = field(default=8, metadata={"help": "batch size for rds embeddings"})
-    damping: float = field(default=0.1, metadata={"help": "influence: damping as a fraction of the mean diagonal"})
-    knn_k: int = field(default=10, metadata={"help": "shapley: K of KNN-Shapley"})
-    device: str = field(default="cpu", metadata={"help": "device for rds"})
     output: str = field(default="select", metadata={"help": "output directory"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
 
-    def __post_init__(self):
-        from rose_select.select.scoring import DIRECTIONS
+    RENAMED = {"max_length": "tokenize.max_length"}
 
+    def __post_init__(self):
+        super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method in VARIANTS:
-            for key, value in VARIANTS[self.method].items():
-                setattr(self, key, value)
-        if self.direction not in DIRECTIONS:
-            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
-        if (self.direction != "pairwise" or self.chosen_weight) and self.method != "rose" and self.method not in VARIANTS:
-            raise ConfigError(f"direction/chosen_weight are options of rose, not of {self.method!r}")
-        if (self.standardize or self.balanced or self.center) and self.method not in ("rose", "less", *VARIANTS):
-            raise ConfigError(f"center/standardize/balanced need per-subtask scores (rose, less, {', '.join(VARIANTS)}), "
-                              f"not {self.method!r}")
+        fixed = {**ROSE_OPTIONS, **VARIANTS.get(self.method, {})}  # what the method itself uses
+        unused = [k for k in ROSE_OPTIONS if getattr(self, k) not in (ROSE_OPTIONS[k], fixed[k])
+                  and k not in applicable_options(self.method)]
+        if unused:
+            raise ConfigError(f"{'/'.join(unused)}: not options of method {self.method!r} "
+                              f"(rose takes all of {list(ROSE_OPTIONS)}; less: center/standardize/balanced; "
+                              f"the presets {', '.join(VARIANTS)}: standardize/balanced)")
+        for key, value in VARIANTS.get(self.method, {}).items():  # a preset fixes its direction
+            setattr(self, key, value)
         if self.balanced and self.quotas:
             raise ConfigError("balanced selection and per-source quotas cannot be combined")
-        if self.reduce not in ("max", "mean"):
-            raise ConfigError(f"reduce must be max|mean, got {self.reduce!r}")
-        if self.count is None and not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.rds_pooling not in ("mean", "last"):
-            raise ConfigError(f"rds_pooling must be mean|last, got {self.rds_pooling!r}")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -94,14 +136,23 @@ def lr_weights(cfg: SelectConfig, n_checkpoints: int) -> np.ndarray:
             raise ConfigError(f"{len(cfg.checkpoint_weights)} checkpoint weights for {n_checkpoints} checkpoints")
         return checkpoint_weights(cfg.checkpoint_weights)
     if cfg.warmup_dir:
-        from rose_select.io import read_json
-
-        lrs = read_json(Path(cfg.warmup_dir) / "lr_log.json")["epoch_mean_lr"]
+        lrs = warmup_lrs(cfg.warmup_dir)
         if len(lrs) != n_checkpoints:
-            raise ConfigError(f"the warm-up logged {len(lrs)} epochs but {n_checkpoints} checkpoints are scored; "
-                              "give checkpoint_weights for a subset of checkpoints")
+            raise ConfigError(f"the warm-up {cfg.warmup_dir} has {len(lrs)} checkpoints but {n_checkpoints} "
+                              "are scored; give checkpoint_weights for a subset of checkpoints")
         return checkpoint_weights(lrs)
     return np.full(n_checkpoints, 1.0 / n_checkpoints)
+
+
+def warmup_lrs(warmup_dir: str) -> list[float]:
+    """Mean lr of each warm-up epoch, read from the checkpoints themselves (each records its own);
+    an unfinished warm-up is refused rather than weighted by the epochs it happens to have."""
+    ckpts = read_warmup_checkpoints(warmup_dir)
+    epochs = warmup_epochs(warmup_dir)
+    if not ckpts or (epochs is not None and len(ckpts) != epochs):
+        raise ConfigError(f"{warmup_dir}: the warm-up has {len(ckpts)} of {epochs or '?'} checkpoints; "
+                          "run the warm-up again with the same settings to finish it")
+    return [lr for _, _, lr in ckpts]
 
 
 def _need_features(cfg: SelectConfig):
@@ -206,11 +257,27 @@ def _scores_gradient(cfg, pool, triples):
     return scores, per_group, result.group_names, extra
 
 
+def _require_dpo_scale(paths) -> None:
+    """Influence sums unnormalised inner products, so each validation triple's DPO weight counts:
+    refuse pairwise stores written with ``ref: auto`` (``pair_scale: unweighted``, weight left out)."""
+    from rose_select.io import read_json
+
+    for p in paths:
+        meta = Path(p) / "meta.json"
+        scale = read_json(meta).get("settings", {}).get("pair_scale") if meta.exists() else None
+        if scale == "unweighted":
+            raise ConfigError(f"{p}: pairwise features made with ref: auto carry each triple's direction but "
+                              "not DPO's per-triple weight (the reference forward was skipped; cosine scoring "
+                              "does not need it). The influence baseline needs the true scale: featurize the "
+                              "validation set again with ref: base")
+
+
 def _scores_influence(cfg, pool, triples):
     from rose_select.select.baselines import influence_scores
     from rose_select.select.scoring import load_store_features
 
     _need_features(cfg)
+    _require_dpo_scale(cfg.val_features)
     w = lr_weights(cfg, len(cfg.pool_features))
     total = np.zeros(len(pool))
     for wi, p, v in zip(w, cfg.pool_features, cfg.val_features):
@@ -234,17 +301,19 @@ def _scores_shapley(cfg, pool, triples):
 def _scores_rds(cfg, pool, triples):
     from rose_select.select.baselines import rds_scores
     from rose_select.modeling import load_adapter, load_model, load_tokenizer
-    from rose_select.tokenization import TokenizeConfig, encode_messages, encode_record
+    from rose_select.runtime import resolve_device
+    from rose_select.tokenization import encode_messages, encode_record
     from rose_select.records import Message
 
-    model, tok = load_model(cfg.model, device=cfg.device), load_tokenizer(cfg.model)
+    device = resolve_device(cfg.device)
+    model, tok = load_model(cfg.model, dtype=cfg.model_dtype, device=device), load_tokenizer(cfg.model)
     if cfg.adapter:
         model = load_adapter(model, cfg.adapter, trainable=False)
-    tcfg = TokenizeConfig(max_length=cfg.max_length)
+    tcfg = cfg.tokenize
     pool_enc = [encode_record(r, tok, tcfg) for r in pool]
     val_enc = [encode_messages(list(t.prompt) + [Message("assistant", t.chosen)], tok, tcfg, record=t.id, pair=True)
                for t in triples]
-    kw = dict(pooling=cfg.rds_pooling, batch_size=cfg.batch_size, device=cfg.device)
+    kw = dict(pooling=cfg.rds_pooling, batch_size=cfg.batch_size, device=device)
     pe, ve = representations(model, tok, pool_enc, **kw), representations(model, tok, val_enc, **kw)
     return rds_scores(pe, ve, [t.subtask for t in triples], reduce=cfg.reduce), None, None, {"pooling": cfg.rds_pooling}
 
@@ -265,33 +334,82 @@ SCORERS = {"rose": _scores_gradient, "less": _scores_gradient, "influence": _sco
            "bm25": _scores_text, "dsir": _scores_text, **{v: _scores_gradient for v in VARIANTS}}
 
 
+def _fingerprint(cfg: SelectConfig) -> dict:
+    """Everything the selection depends on: the settings and the inputs' contents."""
+    from rose_select.config import to_dict
+    from rose_select.io import sha256_file
+
+    stores = [sha256_file(Path(p) / "meta.json") if (Path(p) / "meta.json").exists() else None
+              for p in [*cfg.pool_features, *cfg.val_features]]
+    inputs = {"pool_sha256": sha256_file(cfg.pool),
+              "validation_sha256": sha256_file(cfg.validation) if cfg.validation else None,
+              "stores_meta_sha256": stores,
+              "warmup_lrs": warmup_lrs(cfg.warmup_dir) if cfg.warmup_dir and not cfg.checkpoint_weights else None}
+    return {"config": {k: v for k, v in to_dict(cfg).items() if k != "output"}, "inputs": inputs}
+
+
+def _existing(out: Path, fp: dict) -> bool:
+    """True if ``out`` already holds this very selection; refuse one made with other settings."""
+    from rose_select.errors import StoreMismatchError
+    from rose_select.io import read_json
+
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a directory; choose another output")
+    if (out / "config.json").exists():
+        old = read_json(out / "config.json")
+        if old == fp:
+            return True
+        diff = sorted(f"{part}.{k}" for part in ("config", "inputs") for k in set(old.get(part, {})) | set(fp[part])
+                      if old.get(part, {}).get(k) != fp[part].get(k))
+        raise StoreMismatchError(f"{out} holds a selection made with other settings or inputs (differing: "
+                                 f"{', '.join(diff)}); use another output directory or delete {out}")
+    if any(out.iterdir()):
+        raise StoreMismatchError(f"{out} exists but holds no selection config.json (not a selection, or "
+                                 f"made by an older rose-select); use another output directory or delete {out}")
+    return False
+
+
 def run_select(cfg: SelectConfig) -> Path:
-    """Score the pool with ``cfg.method`` and write the selection directory."""
+    """Score the pool with ``cfg.method`` and write the selection directory: complete or absent
+    (built under a temporary name, then renamed), with the resolved config and input fingerprints
+    in ``config.json``. A rerun with the same settings and inputs returns it as it is; other
+    settings are refused, never mixed into it."""
     from rose_select.data import load_pool, load_preferences
+    from rose_select.io import write_dir_atomically, write_json
     from rose_select.select.topk import select_top, write_selection
 
     if not cfg.pool:
         raise ConfigError("select needs a pool file (--pool)")
     pool = load_pool(cfg.pool, format=cfg.pool_format, limit=cfg.pool_limit)
+    if cfg.method != "full" and not cfg.validation:
+        raise ConfigError(f"method {cfg.method!r} needs a validation preference file (--validation)")
+    if cfg.validation and not Path(cfg.validation).is_file():
+        raise DataError("file not found", path=cfg.validation, field="validation")
+    fp, out = _fingerprint(cfg), Path(cfg.output)
+    if _existing(out, fp):
+        return out
     if cfg.method == "full":
         scores, per_group, names, extra = np.zeros(len(pool)), None, None, {}
         idx = np.arange(len(pool))
     else:
-        if not cfg.validation:
-            raise ConfigError(f"method {cfg.method!r} needs a validation preference file (--validation)")
         kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
         triples = load_preferences(cfg.validation, **kw)
         scores, per_group, names, extra = SCORERS[cfg.method](cfg, pool, triples)
         if cfg.balanced:
-            from rose_select.select.topk import count_for_fraction, select_balanced
-
             idx = select_balanced(per_group, cfg.count or count_for_fraction(cfg.fraction, len(pool)))
         else:
             idx = select_top(scores, fraction=cfg.fraction, count=cfg.count, ids=[r.id for r in pool],
                              sources=[r.source for r in pool], quotas=cfg.quotas)
-    write_selection(cfg.output, pool, scores, idx, per_group=per_group, group_names=names,
-                    method=cfg.method, extra=extra, plots=cfg.plots)
-    return Path(cfg.output)
+
+    def fill(tmp: Path):
+        write_selection(tmp, pool, scores, idx, per_group=per_group, group_names=names,
+                        method=cfg.method, extra=extra, plots=cfg.plots)
+        write_json(tmp / "config.json", fp)
+
+    write_dir_atomically(out, fill)
+    return out
 
 
 # ------------------------------------------------------------------------------------- CLI hooks

@@ -19,6 +19,7 @@ import numpy as np
 from rose_select.errors import ConfigError, DataError, NonFiniteError
 from rose_select.io import atomic_path, write_json, write_jsonl
 from rose_select.records import InstructionRecord
+from rose_select.tables import markdown
 
 
 def count_for_fraction(fraction: float, n: int) -> int:
@@ -209,6 +210,49 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _best_subtasks(per_group, group_names, n: int) -> list[str] | None:
+    """Each pool row's best-matching subtask (None without per-subtask scores)."""
+    if per_group is None:
+        return None
+    if group_names is None or per_group.shape != (n, len(group_names)):
+        raise ConfigError(f"per_group has shape {np.shape(per_group)}, expected "
+                          f"({n}, {None if group_names is None else len(group_names)})")
+    return [group_names[k] for k in np.argmax(per_group, axis=1)]
+
+
+def selection_summary(pool_records, scores: np.ndarray, selected_idx: np.ndarray, best, method: str,
+                      extra: Mapping | None) -> dict:
+    """``summary.json``: counts, score statistics, shares per source and subtask, length diagnostic."""
+    n, picked = len(pool_records), selected_idx.tolist()
+    sel_scores = scores[selected_idx]
+    return {
+        "method": method,
+        "n_pool": n,
+        "n_selected": int(len(selected_idx)),
+        "fraction": len(selected_idx) / n,
+        "threshold": _finite_or_none(float(sel_scores.min())),
+        "score_stats": {"pool": _stats(scores), "selected": _stats(sel_scores)},
+        "pool_share_per_source": _shares([r.source for r in pool_records]),
+        "share_per_source": _shares([pool_records[i].source for i in picked]),
+        "share_per_subtask": None if best is None else _shares([best[i] for i in picked]),
+        "length_spearman": length_spearman(scores, [response_chars(r) for r in pool_records]),
+        **dict(extra or {}),
+    }
+
+
+def _selection_plots(out_dir: Path, scores: np.ndarray, summary: dict, best) -> None:
+    from rose_select import plots as P
+
+    method = summary["method"]
+    P.score_histogram(scores, out_dir / "score_histogram.png", threshold=summary["threshold"],
+                      title=f"{method} scores")
+    P.share_bar_chart({"pool": summary["pool_share_per_source"], "selected": summary["share_per_source"]},
+                      out_dir / "selected_share.png", title=f"{method}: share per source")
+    if best is not None:
+        P.share_bar_chart({"pool": _shares(best), "selected": summary["share_per_subtask"]},
+                          out_dir / "subtask_share.png", title=f"{method}: share per best-matching subtask")
+
+
 def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[InstructionRecord],
                     scores: np.ndarray, selected_idx: np.ndarray, *,
                     per_group: np.ndarray | None = None, group_names: Sequence[str] | None = None,
@@ -228,12 +272,7 @@ def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[Instructi
         raise ConfigError(f"{scores.shape[0] if scores.ndim else 0} scores for {n} pool records")
     if len(selected_idx) == 0 or selected_idx.min() < 0 or selected_idx.max() >= n:
         raise ConfigError(f"selected indices must be non-empty and within [0, {n})")
-    best = None
-    if per_group is not None:
-        if group_names is None or per_group.shape != (n, len(group_names)):
-            raise ConfigError(f"per_group has shape {np.shape(per_group)}, expected "
-                              f"({n}, {None if group_names is None else len(group_names)})")
-        best = [group_names[k] for k in np.argmax(per_group, axis=1)]
+    best = _best_subtasks(per_group, group_names, n)
     with atomic_path(out_dir / "scores.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, scores, allow_pickle=False)
     write_jsonl(out_dir / "scores.jsonl", (
@@ -242,37 +281,14 @@ def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[Instructi
         for i, (r, s) in enumerate(zip(pool_records, scores.tolist()))))
     write_jsonl(out_dir / "selected.jsonl",
                 (selected_row(pool_records[i], scores[i]) for i in selected_idx.tolist()))
-    sel_scores = scores[selected_idx]
-    summary = {
-        "method": method,
-        "n_pool": n,
-        "n_selected": int(len(selected_idx)),
-        "fraction": len(selected_idx) / n,
-        "threshold": _finite_or_none(float(sel_scores.min())),
-        "score_stats": {"pool": _stats(scores), "selected": _stats(sel_scores)},
-        "pool_share_per_source": _shares([r.source for r in pool_records]),
-        "share_per_source": _shares([pool_records[i].source for i in selected_idx.tolist()]),
-        "share_per_subtask": None if best is None else _shares([best[i] for i in selected_idx.tolist()]),
-        "length_spearman": length_spearman(scores, [response_chars(r) for r in pool_records]),
-        **dict(extra or {}),
-    }
+    summary = selection_summary(pool_records, scores, selected_idx, best, method, extra)
     write_json(out_dir / "summary.json", summary)
     rho = summary["length_spearman"]
     if rho is not None and abs(rho) >= LENGTH_WARN:
         warnings.warn(f"{method}: Spearman(score, response length) = {rho:+.2f}; the selection largely "
                       "ranks by answer length", RuntimeWarning, stacklevel=2)
     if plots:
-        from rose_select import plots as P
-
-        P.score_histogram(scores, out_dir / "score_histogram.png", threshold=summary["threshold"],
-                          title=f"{method} scores")
-        P.share_bar_chart({"pool": summary["pool_share_per_source"],
-                           "selected": summary["share_per_source"]},
-                          out_dir / "selected_share.png", title=f"{method}: share per source")
-        if best is not None:
-            P.share_bar_chart({"pool": _shares(best), "selected": summary["share_per_subtask"]},
-                              out_dir / "subtask_share.png",
-                              title=f"{method}: share per best-matching subtask")
+        _selection_plots(out_dir, scores, summary, best)
     table = summary_table(summary)
     if echo:
         print(table)
@@ -318,11 +334,8 @@ def overlap_table(selections: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, 
     sets = [set(selections[k]) for k in names]
     mat = np.array([[jaccard(a, b) for b in sets] for a in sets], dtype=np.float64).reshape(
         len(names), len(names))
-    header = "| | " + " | ".join(names) + " |"
-    rule = "|---|" + "---:|" * len(names)
-    rows = [f"| {name} | " + " | ".join(f"{v:.3f}" for v in mat[i]) + " |"
-            for i, name in enumerate(names)]
-    return mat, "\n".join([header, rule, *rows])
+    rows = [{"": name, **{other: f"{v:.3f}" for other, v in zip(names, mat[i])}} for i, name in enumerate(names)]
+    return mat, markdown(rows, ["", *names], right=names)
 
 
 def read_best_subtasks(path: str | os.PathLike) -> dict[str, str] | None:
@@ -371,7 +384,5 @@ def shares_table(shares: Mapping[str, Mapping[str, float]], label: str = "subtas
     """Markdown table: one row per category, one column per selection (percent)."""
     names = list(shares)
     cats = list(dict.fromkeys(c for s in shares.values() for c in s))
-    lines = [f"| {label} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    lines += [f"| {c} | " + " | ".join(f"{100 * shares[n].get(c, 0.0):.1f}%" for n in names) + " |"
-              for c in cats]
-    return "\n".join(lines)
+    rows = [{label: c, **{n: f"{100 * shares[n].get(c, 0.0):.1f}%" for n in names}} for c in cats]
+    return markdown(rows, [label, *names], right=names)
