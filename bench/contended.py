@@ -50,48 +50,59 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def measure(bench_args: list[str], env: dict, flags: list[str]) -> dict:
-    """One fresh bench process: its ``rows`` (ex/s of train and ours) and settings."""
+def measure(bench_args: list[str], env: dict, flags: list[str], timeout: float) -> dict:
+    """One fresh bench process, featurization only: ``{"ex_per_s", "threads"}``; past ``timeout``
+    seconds it is stopped and the rate is recorded as an upper bound (``n_examples / timeout``)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, str(HERE / "featurize.py"), *bench_args, "--kinds", "sjlt",
+        cmd = [sys.executable, str(HERE / "featurize.py"), *bench_args, "--kinds", "sjlt", "--no-train",
                "--loop-examples", "0", "--out", str(out), *flags]
-        done = subprocess.run(cmd, env=_clean_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            done = subprocess.run(cmd, env=_clean_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            n = int(bench_args[bench_args.index("--n-examples") + 1])
+            return {"ex_per_s": n / timeout, "upper_bound": True, "threads": None}
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        return json.loads(out.read_text())
+        r = json.loads(out.read_text())
+        return {"ex_per_s": r["rows"]["ours_sjlt"]["ex_per_s"], "upper_bound": False,
+                "threads": r["setting"]["threads"]}
+
+
+def _one(name: str, env: dict, flags: list[str], bench_args, competitor_threads: int, timeout: float) -> dict:
+    row = {}
+    for cond in ("idle", "contended"):
+        comp = start_competitor(competitor_threads) if cond == "contended" else None
+        try:
+            time.sleep(1.0 if comp else 0)
+            load = os.getloadavg()[0]
+            row[cond] = {"load1_at_start": load, **measure(bench_args, env, flags, timeout)}
+        finally:
+            if comp:
+                stop(comp)
+        r = row[cond]
+        print(f"  {name:28s} {cond:9s} load {load:5.2f}  threads {r['threads']}  ours_sjlt "
+              f"{'<' if r['upper_bound'] else ''}{r['ex_per_s']:.3f} ex/s", flush=True)
+    row["contended_vs_idle"] = row["contended"]["ex_per_s"] / row["idle"]["ex_per_s"]
+    return row
 
 
 def run_contended(bench_args: list[str], competitor_threads: int, cores: int, out: Path,
-                  only: list[str] | None = None) -> dict:
-    results = {"competitor_threads": competitor_threads, "cores": cores, "bench_args": bench_args, "rows": {}}
+                  only: list[str] | None = None, timeout: float = 300) -> dict:
+    results = {"competitor_threads": competitor_threads, "cores": cores, "bench_args": bench_args,
+               "timeout_s": timeout, "rows": {}}
     for name, (env, flags) in variants(cores).items():
-        if only and not any(o in name for o in only):
-            continue
-        row = {}
-        for cond in ("idle", "contended"):
-            comp = start_competitor(competitor_threads) if cond == "contended" else None
-            try:
-                time.sleep(1.0 if comp else 0)
-                load = os.getloadavg()[0]
-                r = measure(bench_args, env, flags)
-            finally:
-                if comp:
-                    stop(comp)
-            row[cond] = {"load1_at_start": load, "cpu": r["setting"].get("cpu"),
-                         **{k: v["ex_per_s"] for k, v in r["rows"].items()}}
-            print(f"  {name:28s} {cond:9s} load {load:5.2f}  threads {r['setting']['threads']}  "
-                  + "  ".join(f"{k} {v['ex_per_s']:.3f} ex/s" for k, v in r["rows"].items()), flush=True)
-        row["contended_vs_idle"] = {k: row["contended"][k] / row["idle"][k] for k in ("train", "ours_sjlt")}
-        results["rows"][name] = row
-    best = {k: max(r["idle"][k] for r in results["rows"].values()) for k in ("train", "ours_sjlt")}
-    print(f"\n{'setting':28s} {'ours idle':>10s} {'ours busy':>10s} {'busy/idle':>10s} {'busy/best idle':>15s}"
-          f" {'train busy/idle':>16s}")
+        if not only or any(o in name for o in only):
+            results["rows"][name] = _one(name, env, flags, bench_args, competitor_threads, timeout)
+    best = max(r["idle"]["ex_per_s"] for r in results["rows"].values())
+    print(f"\nfeaturization (ex/s), '<': stopped after {timeout:.0f} s, an upper bound")
+    print(f"{'setting':28s} {'idle':>9s} {'contended':>10s} {'cont./idle':>10s} {'cont./best idle':>16s}")
+    mark = lambda r: "<" if r["upper_bound"] else " "  # noqa: E731
     for name, r in results["rows"].items():
-        r["contended_vs_best_idle"] = {k: r["contended"][k] / best[k] for k in best}
-        print(f"{name:28s} {r['idle']['ours_sjlt']:10.3f} {r['contended']['ours_sjlt']:10.3f} "
-              f"{r['contended_vs_idle']['ours_sjlt']:9.2f}x {r['contended_vs_best_idle']['ours_sjlt']:14.2f}x "
-              f"{r['contended_vs_idle']['train']:15.2f}x")
+        r["contended_vs_best_idle"] = r["contended"]["ex_per_s"] / best
+        print(f"{name:28s} {mark(r['idle'])}{r['idle']['ex_per_s']:8.3f} {mark(r['contended'])}"
+              f"{r['contended']['ex_per_s']:9.3f} {r['contended_vs_idle']:9.2f}x {r['contended_vs_best_idle']:15.2f}x")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -109,7 +109,7 @@ def bench_ours(model, batches, device, proj, amp, adam):
     return n / (time.perf_counter() - t0)
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rank", type=int, default=128)
@@ -131,7 +131,13 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="", help="--contended: comma-separated substrings of the "
                     "settings to measure (default: all)")
     ap.add_argument("--no-runtime", action="store_true", help="leave the OpenMP defaults (no rose_select.runtime)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--no-train", action="store_true", help="skip (a) training")
+    ap.add_argument("--timeout", type=float, default=300, help="--contended: seconds per measurement")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     if args.contended:
         return _contended(args, argv)
     args.out = args.out or str(Path(__file__).parent / "results" / "featurize.json")
@@ -163,8 +169,9 @@ def main(argv=None) -> int:
     print(f"model {args.model}: {n_params:,} LoRA parameters (r={args.rank}), d={args.dim}, "
           f"{args.seq_len} tokens, batch {args.batch_size}, device {device}", flush=True)
 
-    rows["train"] = {"ex_per_s": bench_train(model, batches, device, amp), **_peak_mb(device)}
-    print(f"  (a) train           {rows['train']['ex_per_s']:8.2f} ex/s", flush=True)
+    if not args.no_train:
+        rows["train"] = {"ex_per_s": bench_train(model, batches, device, amp), **_peak_mb(device)}
+        print(f"  (a) train           {rows['train']['ex_per_s']:8.2f} ex/s", flush=True)
     for kind in [k for k in args.kinds.split(",") if k]:
         proj = make_projector(kind, 0 if kind == "none" else args.dim, 0, numels, device=device)
         rows[f"ours_{kind}"] = {"ex_per_s": bench_ours(model, batches, device, proj, amp, adam), **_peak_mb(device)}
@@ -177,10 +184,11 @@ def main(argv=None) -> int:
 
     print(f"\n{'method':18s} {'ex/s':>10s} {'vs train':>9s} {'vs LESS':>9s} {'maxrss MB':>10s}")
     for name, r in rows.items():
-        r["vs_train"] = r["ex_per_s"] / rows["train"]["ex_per_s"]
+        r["vs_train"] = r["ex_per_s"] / rows["train"]["ex_per_s"] if "train" in rows else None
         r["vs_less_loop"] = r["ex_per_s"] / rows["less_loop"]["ex_per_s"] if "less_loop" in rows else None
         vs_less = "" if r["vs_less_loop"] is None else f"{r['vs_less_loop']:8.2f}x"
-        print(f"{name:18s} {r['ex_per_s']:10.2f} {r['vs_train']:8.2f}x {vs_less:>9s} "
+        vs_train = "" if r["vs_train"] is None else f"{r['vs_train']:8.2f}x"
+        print(f"{name:18s} {r['ex_per_s']:10.2f} {vs_train:>9s} {vs_less:>9s} "
               f"{r['ru_maxrss_mb']:10.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -198,13 +206,13 @@ def _contended(args, argv) -> int:
     if not any(a.startswith("--rank") for a in passed):  # the setting unless given
         passed = ["--rank", "8", "--dim", "2048", "--seq-len", "128", "--batch-size", "8",
                   "--n-examples", "32", *passed]
-    for flag in ("--competitor-threads", "--settings", "--out"):  # ours, not the child's
+    for flag in ("--competitor-threads", "--settings", "--out", "--timeout"):  # ours, not the child's
         if flag in passed:
             i = passed.index(flag)
             del passed[i:i + 2]
     out = Path(args.out or Path(__file__).parent / "results" / "contended.json")
     only = [s for s in args.settings.split(",") if s]
-    run_contended(passed, args.competitor_threads, available_cores(), out, only)
+    run_contended(passed, args.competitor_threads, available_cores(), out, only, args.timeout)
     return 0
 
 

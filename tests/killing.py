@@ -48,6 +48,21 @@ def _install(point: tuple[str, object]) -> None:
     os.replace = replace
 
 
+def one_thread():
+    """Generator for a module fixture: torch on one intra-op thread while the module runs. A
+    forked child must not enter an OpenMP region its parent's pool owns (libgomp is not fork-safe;
+    DataLoader workers set one thread for the same reason), and one thread makes the reference
+    and the resumed runs agree bit for bit."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def run_killed(fn, point: tuple[str, object], timeout_s: float = 300.0) -> None:
     """Run ``fn()`` in a child process that SIGKILLs itself at ``point``; fail unless it did."""
     pid = os.fork()

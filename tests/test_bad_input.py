@@ -129,7 +129,7 @@ def test_adam_needs_optimizer_state(tiny_model_dir, tmp_path):
     attach_lora(load_model(str(tiny_model_dir)), LoraSettings(r=2, alpha=4.0)).save_pretrained(ckpt)
     pool = tmp_path / "pool.jsonl"
     pool.write_text(GOOD)
-    with pytest.raises(CheckpointError, match=r"no optimizer_state.safetensors, needed for Adam.*--adam false"):
+    with pytest.raises(CheckpointError, match=r"no optimizer_state.safetensors \(nor a Trainer.s optimizer.pt/.bin\), needed for Adam.*--adam false"):
         run_featurize(_cfg(tiny_model_dir, pool, tmp_path / "out", checkpoint=str(ckpt), adam=True))
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="adam=true needs a checkpoint"):

@@ -15,10 +15,10 @@ from rose_select.evaluation import EvalConfig
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig
 from rose_select.modeling import ModelSettings
 from rose_select.pipeline import RunConfig, eval_config, featurize_jobs, select_config, training_configs
-from rose_select.select import stage as select_stage
+from rose_select.select import methods as select_methods
 from rose_select.select.stage import METHODS, SelectConfig, run_select
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import TrainConfig
+from rose_select.train.stage import TrainConfig
 
 TOKENIZE = {"max_length": 77, "template": "less", "truncation": "keep_start"}
 
@@ -61,13 +61,13 @@ def test_rds_embeds_with_the_runs_tokenisation(tmp_path, tiny_model_dir, monkeyp
     val.write_text(json.dumps({"q1": {"responses": ["good " * 50, "bad"], "pairs": [[0, 1]], "sft_target": "good " * 50,
                                           "rejected_target": "bad"}}))
     lengths = []
-    real = select_stage.representations
+    real = select_methods.representations
 
     def spy(model, tokenizer, encodings, **kw):
         lengths.extend(len(e["input_ids"]) for e in encodings)
         return real(model, tokenizer, encodings, **kw)
 
-    monkeypatch.setattr(select_stage, "representations", spy)
+    monkeypatch.setattr(select_methods, "representations", spy)
     cfg = SelectConfig(method="rds", model=str(tiny_model_dir), device="cpu", pool=str(pool), validation=str(val),
                        tokenize=TokenizeConfig(max_length=24), count=1, plots=False, output=str(tmp_path / "sel"))
     run_select(cfg)
@@ -121,7 +121,25 @@ def test_run_select_options_reach_the_methods_that_use_them(tmp_path):
     options = lambda c: (c.direction, c.chosen_weight, c.center, c.standardize, c.balanced)
     assert options(sel["rose"]) == ("pairwise_ln", 0.5, True, True, True)
     assert options(sel["less"]) == ("pairwise", 0.0, True, True, True)
-    assert options(sel["rose_plus"]) == ("pairwise", 1.0, False, True, True)
+    assert options(sel["rose_plus"]) == ("pairwise", 2.0, True, True, True)  # the preset
     assert options(sel["bm25"]) == options(sel["influence"]) == ("pairwise", 0.0, False, False, False)
     with pytest.raises(ConfigError, match="not options of method 'bm25'"):
         SelectConfig(method="bm25", standardize=True)
+
+
+def test_the_console_carries_no_third_party_noise(tmp_path, tiny_model_dir):
+    """`rose` runs with the libraries' weight-loading bars and deprecation notices silenced."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    pref = tmp_path / "p.json"
+    pref.write_text(json.dumps({"q": {"responses": ["yes", "no"], "pairs": [[0, 1]], "sft_target": "yes",
+                                      "rejected_target": "no"}}))
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS",
+                                                                          "TRANSFORMERS_VERBOSITY")}
+    proc = subprocess.run([sys.executable, "-m", "rose_select", "evaluate", "--model", str(tiny_model_dir),
+                           "--preferences", str(pref), "--device", "cpu", "--output", str(out)],
+                          capture_output=True, text=True, env={**env, "ROSE_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr

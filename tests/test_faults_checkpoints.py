@@ -8,12 +8,18 @@ import json
 import shutil
 
 import pytest
-from killing import hidden_leftovers, run_killed, snapshot
+from killing import hidden_leftovers, one_thread, run_killed, snapshot
 from test_training import small_cfg
 
 from rose_select.errors import CheckpointError, ConfigError
-from rose_select.select.stage import SelectConfig, lr_weights
-from rose_select.training import WarmupConfig, run_warmup
+from rose_select.select.methods import lr_weights
+from rose_select.select.stage import SelectConfig
+from rose_select.train.stage import WarmupConfig, run_warmup
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def test_killed_after_a_checkpoint_rename_keeps_that_epochs_weight(reference, ti
 
 
 def test_checkpoints_record_their_own_learning_rates(reference):
-    from rose_select.checkpoints import read_warmup_checkpoints
+    from rose_select.train.checkpoints import read_warmup_checkpoints
 
     ckpts = read_warmup_checkpoints(reference)
     assert [(e, p.name) for e, p, _ in ckpts] == [(1, "ckpt-1"), (2, "ckpt-2")]

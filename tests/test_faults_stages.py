@@ -7,17 +7,22 @@ from __future__ import annotations
 import json
 
 import pytest
-from killing import hidden_leftovers, run_killed, snapshot
+from killing import hidden_leftovers, one_thread, run_killed, snapshot
 from test_training import small_cfg, write_pool
 
 from rose_select.errors import DataError, ModelLoadError, StoreMismatchError
 from rose_select.select.stage import SelectConfig, run_select
-from rose_select.training import TrainConfig, WarmupConfig, run_train, run_warmup
+from rose_select.train.stage import TrainConfig, WarmupConfig, run_train, run_warmup
 
 
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 # ------------------------------------------------------------------------------------ train

@@ -135,3 +135,25 @@ def test_store_files_are_allocated_not_sparse(tiny_model_dir, pool, tmp_path):
     run_featurize(_cfg(tiny_model_dir, pool, tmp_path / "store", dim=2048), stop_after_batches=1)
     st = (tmp_path / "store" / "features.npy").stat()
     assert st.st_blocks * 512 >= st.st_size
+
+
+def test_adam_moments_replaced_at_the_same_checkpoint_are_refused(tiny_model_dir, pool, tmp_path):
+    """Case 2 for the training side's preconditioner: the adapter was hashed, its Adam moments not."""
+    import torch
+
+    from rose_select.modeling import save_adam_moments
+    from rose_select.testing import write_lora_checkpoint
+
+    ckpt = write_lora_checkpoint(tiny_model_dir, tmp_path / "ckpt")
+    out = tmp_path / "store"
+    run_featurize(_cfg(tiny_model_dir, pool, out, checkpoint=str(ckpt), adam=True), stop_after_batches=1)
+    before = _snapshot(out)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(ckpt / "optimizer_state.safetensors"))
+    names = [k.split("/", 1)[1] for k in stored if k.startswith("exp_avg/")]
+    save_adam_moments(ckpt / "optimizer_state.safetensors",
+                      {n: (stored[f"exp_avg/{n}"], stored[f"exp_avg_sq/{n}"] * 4 + torch.rand(1)) for n in names}, step=1)
+    with pytest.raises(StoreMismatchError, match=r"settings.optimizer_sha256: stored \"[0-9a-f]+\""):
+        run_featurize(_cfg(tiny_model_dir, pool, out, checkpoint=str(ckpt), adam=True))
+    assert _snapshot(out) == before

@@ -14,7 +14,7 @@ from rose_select.select.stage import METHODS, run_select
 @pytest.mark.slow
 def test_every_method_selects_from_a_real_pool_on_the_embedded_model(tmp_path):
     from rose_select.features.stage import run_featurize
-    from rose_select.training import run_warmup
+    from rose_select.train.stage import run_warmup
 
     cfg = from_dict(RunConfig, {
         "output_dir": str(tmp_path / "run"), "model": "smollm2-135m", "pool_limit": 24, "device": "cpu",

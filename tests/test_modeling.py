@@ -46,7 +46,7 @@ def test_optimizer_state_roundtrips_by_name(tiny_model_dir, tmp_path):
 
 def test_missing_optimizer_state_names_the_fix(tmp_path):
     (tmp_path / "optimizer.pt").write_bytes(b"\x80pickle")
-    with pytest.raises(CheckpointError, match=r"no optimizer_state.safetensors.*optimizer.pt.*not read"):
+    with pytest.raises(CheckpointError, match=r"no optimizer_state.safetensors.*optimizer.pt"):
         load_optimizer_state(tmp_path, ["x"])
 
 

@@ -44,10 +44,35 @@ def _config(tmp_path, tiny_model_dir, methods=("rose", "less", "random")):
     })
 
 
+def _check_costs(run, results, project):
+    """The cost table: one row per finished stage, bytes as on disk, a linear projection for the
+    stages that grow with the pool, and the validation pass done once (joint stores)."""
+    from rose_select.costs import tree_bytes
+
+    costs = results["costs"]
+    rows = {r["stage"]: r for r in costs["rows"]}
+    assert "featurize/ckpt-1/val_pairwise+val_sft" in rows and "featurize/ckpt-1/val_sft" not in rows
+    assert rows["featurize/ckpt-1/pool"]["bytes"] == tree_bytes([run / "features" / "ckpt-1" / "pool"]) > 0
+    assert rows["warmup"]["examples"] == 10 and rows["train/rose"]["examples"] == 10
+    for r in costs["rows"]:
+        assert r["device"] == "cpu" and r["device_count"] >= 1
+        assert r["device_hours"] == pytest.approx(r["seconds"] * r["device_count"] / 3600)
+    f = project / 40
+    pool = rows["featurize/ckpt-1/pool"]
+    assert pool["projected_seconds"] == pytest.approx(pool["seconds"] * f)
+    assert pool["projected_bytes"] == int(pool["bytes"] * f)
+    val = rows["featurize/ckpt-1/val_pairwise+val_sft"]
+    assert val["projected_seconds"] == val["seconds"] and val["examples"] == 6
+    assert costs["total"]["seconds"] == pytest.approx(sum(r["seconds"] for r in costs["rows"]))
+    assert "## Cost per stage" in (run / "report.md").read_text()
+
+
 def test_run_end_to_end_then_resume_skips_finished_stages(tmp_path, tiny_model_dir, capsys):
     cfg = _config(tmp_path, tiny_model_dir)
+    cfg.project_pool_size = 270000
     run = run_pipeline(cfg)
     results = json.loads((run / "results.json").read_text())
+    _check_costs(run, results, 270000)
     assert [r["method"] for r in results["rows"]] == ["base", "rose", "less", "random"]
     assert results["n_heldout"] == 4  # 10 held-out prompts minus the 6 used for selection
     assert (run / "report.md").exists() and (run / "overlap.png").exists()

@@ -12,24 +12,26 @@ import os
 import sys
 
 from rose_select import __version__
-from rose_select.runtime import configure_cpu
+from rose_select.runtime import configure_cpu, quiet_libraries
 
-# command -> (module, config class, run function, one-line help)
+# command -> "module:ConfigClass:run_function" (imported only when the command runs)
 STAGES = {
-    "warmup": ("rose_select.training", "WarmupConfig", "run_warmup",
-               "LoRA warm-up on a random fraction of the pool, one checkpoint (adapter + Adam moments) per epoch"),
-    "featurize": ("rose_select.features.stage", "FeaturizeConfig", "run_featurize",
-                  "per-example gradient features (SFT/Adam for the pool, pairwise for validation), projected"),
-    "select": ("rose_select.select.stage", "SelectConfig", "run_select",
-               "score the pool with a method (rose, less, random, bm25, rds, dsir, influence, shapley, full) and select"),
-    "train": ("rose_select.training", "TrainConfig", "run_train",
-              "final LoRA fine-tune on a selection (or random / full)"),
-    "evaluate": ("rose_select.evaluation", "EvalConfig", "run_evaluate",
-                 "held-out preference accuracy, reward margins, validation losses, golden-answer log-likelihood"),
-    "run": ("rose_select.pipeline", "RunConfig", "run_pipeline",
-            "the whole pipeline from a config file, resumable stage by stage"),
-    "experiment": ("rose_select.experiments", "ExperimentConfig", "run_experiment",
-                   "the paper's tables and figures (table1, table2, table3, table9, figure3, figure4, subtasks)"),
+    "warmup": "rose_select.train.stage:WarmupConfig:run_warmup",
+    "featurize": "rose_select.features.stage:FeaturizeConfig:run_featurize",
+    "select": "rose_select.select.stage:SelectConfig:run_select",
+    "train": "rose_select.train.stage:TrainConfig:run_train",
+    "evaluate": "rose_select.evaluation:EvalConfig:run_evaluate",
+    "run": "rose_select.pipeline:RunConfig:run_pipeline",
+    "experiment": "rose_select.experiments:ExperimentConfig:run_experiment",
+}
+HELP = {
+    "warmup": "LoRA warm-up on a random fraction of the pool, one checkpoint (adapter + Adam moments) per epoch",
+    "featurize": "per-example gradient features (SFT/Adam for the pool, pairwise for validation), projected",
+    "select": "score the pool with a method (rose, less, random, bm25, rds, dsir, influence, shapley, full) and select",
+    "train": "final LoRA fine-tune on a selection (or random / full)",
+    "evaluate": "held-out preference accuracy, reward margins, validation losses, golden-answer log-likelihood",
+    "run": "the whole pipeline from a config file, resumable stage by stage",
+    "experiment": "the paper's tables and figures, and the selection-quality benchmark",
 }
 OTHER = {"data": "inspect and validate data files (rose data validate FILE)",
          "answer": "greedy-answer a prompt with a model (and optional adapter)"}
@@ -39,8 +41,8 @@ def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rose", description="Reward-oriented data selection (ROSE) and its baselines.")
     p.add_argument("--version", action="version", version=f"rose-select {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (*_, help_text) in STAGES.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    for name in STAGES:
+        sub.add_parser(name, help=HELP[name], add_help=False)
     for name, help_text in OTHER.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return p
@@ -49,10 +51,10 @@ def _top_parser() -> argparse.ArgumentParser:
 def _stage_main(name: str, argv: list[str]) -> int:
     from rose_select.config import add_arguments, from_args
 
-    module_name, cfg_name, fn_name, help_text = STAGES[name]
+    module_name, cfg_name, fn_name = STAGES[name].split(":")
     module = importlib.import_module(module_name)
     cfg_cls, fn = getattr(module, cfg_name), getattr(module, fn_name)
-    p = argparse.ArgumentParser(prog=f"rose {name}", description=help_text)
+    p = argparse.ArgumentParser(prog=f"rose {name}", description=HELP[name])
     p.add_argument("--config", help="YAML file with the config; flags override its values")
     if hasattr(module, "add_cli_arguments"):
         module.add_cli_arguments(name, p)
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command in STAGES or command == "answer":
+            quiet_libraries()  # before transformers loads: it reads its verbosity then
             configure_cpu()  # before torch loads: OpenMP reads its wait policy then
         if command in STAGES:
             return _stage_main(command, rest)

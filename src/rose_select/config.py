@@ -121,6 +121,13 @@ def from_dict(cls: type[T], data: dict, *, where: str | None = None) -> T:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def require(checks) -> None:
+    """Raise a ConfigError with the message of the first ``(ok, message)`` that does not hold."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def section_fields(section, cls=None) -> dict:
     """The fields of dataclass ``cls`` (default: the section's own class) taken from ``section``,
     values shared, not copied: a section handed on whole."""

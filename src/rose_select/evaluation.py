@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from rose_select.data import load_test_prompts
+from rose_select.config import require
 from rose_select.errors import ConfigError, DataError
 from rose_select.judge_http import HttpJudge, chat_completions_url
 from rose_select.judges import hh_text, load_judge
@@ -70,9 +71,7 @@ class EvalSettings:
             (self.judge_rps is None or self.judge_rps > 0, f"judge_rps must be > 0, got {self.judge_rps}"),
             (self.judge_timeout > 0, f"judge_timeout must be > 0, got {self.judge_timeout}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         if self.judge_url:
             chat_completions_url(self.judge_url)  # validates the URL
         getattr(super(), "__post_init__", lambda: None)()

@@ -326,7 +326,7 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
     evaluate it against its own base model on the same held-out pairs."""
     from rose_select.evaluation import run_evaluate
     from rose_select.pipeline import heldout_triples, resolve_input, training_configs
-    from rose_select.training import run_train
+    from rose_select.train.stage import run_train
 
     source_run = _run(cfg, f"select-{_slug(cfg.base.model)}-{target_name(cfg.base.validation)}",
                       select={"methods": cfg.method_list()})

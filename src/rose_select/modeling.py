@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,9 @@ def attach_lora(model, lora: LoraSettings):
 
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated property: noise, not news
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = True):
@@ -235,9 +238,9 @@ def load_optimizer_state(ckpt_dir: str | Path, names) -> tuple[dict, dict]:
     path = ckpt_dir / "optimizer_state.safetensors"
     if not path.exists():
         found = sorted(p.name for p in ckpt_dir.glob("*")) if ckpt_dir.exists() else "directory missing"
-        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors, needed for Adam-preconditioned "
-                              f"features (found: {found}). Pickled optimizer.pt/optimizer.bin files are not "
-                              "read; re-run the warm-up with rose, or featurize with --adam false.")
+        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors (nor a Trainer's optimizer.pt/.bin), "
+                              f"needed for Adam-preconditioned features (found: {found}); re-run the warm-up "
+                              "with rose, or featurize with --adam false.")
     with safe_open(str(path), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata() or {}
         missing = [n for n in names if f"exp_avg/{n}" not in keys or f"exp_avg_sq/{n}" not in keys]

@@ -14,19 +14,20 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rose_select.checkpoints import read_warmup_checkpoints
+from rose_select.train.checkpoints import read_warmup_checkpoints
 from rose_select.config import compose, save_yaml, section_fields, to_dict
 from rose_select.data.builtin import BUILTIN, resolve_input
 from rose_select.errors import ConfigError, DataError
+from rose_select.costs import cost_markdown, cost_table, current_threads, resolved_device, run_counts, tree_bytes
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
 from rose_select.tables import markdown
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
 from rose_select.modeling import LoraSettings, ModelSettings
-from rose_select.select.stage import (GRADIENT_METHODS, METHODS, VARIANTS, SelectConfig, SelectSettings, method_settings,
-                                      run_select, stores_needed)
+from rose_select.select.methods import GRADIENT_METHODS, METHODS, VARIANTS, stores_needed
+from rose_select.select.stage import SelectConfig, SelectSettings, method_settings, run_select
 from rose_select.tokenization import TokenizeConfig
-from rose_select.training import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
+from rose_select.train.stage import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
 
 
@@ -71,6 +72,7 @@ class RunConfig(ModelSettings):
     validation: str = field(default=f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json", metadata={"help": "target-task preference file"})
     num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
     seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
+    project_pool_size: int | None = field(default=None, metadata={"help": "cost table: also project each stage's time, device-hours and bytes to a pool of this many examples"})
     shared_dir: str | None = field(default=None, metadata={"help": "keep target-independent artifacts (warm-up, pool features, full-data training) under SHARED_DIR/<fingerprint>/ so runs on other targets reuse them"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -79,6 +81,11 @@ class RunConfig(ModelSettings):
     select: SelectSection = field(default_factory=SelectSection)
     train: Schedule = field(default_factory=Schedule)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.project_pool_size is not None and self.project_pool_size < 1:
+            raise ConfigError(f"project_pool_size must be >= 1, got {self.project_pool_size}")
 
 
 # ------------------------------------------------------------------------------------- stage bookkeeping
@@ -103,7 +110,7 @@ class StageLedger:
         t0 = time.perf_counter()
         result = fn()
         self._set(key, {"fingerprint": fingerprint, "done": True, "seconds": round(time.perf_counter() - t0, 1),
-                        "result": result})
+                        "result": result, "bytes": tree_bytes(outputs), "threads": current_threads()})
         return result
 
     def _set(self, key, value):
@@ -322,7 +329,10 @@ def run_pipeline(cfg: RunConfig) -> Path:
     _select_all(run, ckpts)
     heldout_source, triples = heldout_triples(cfg, run.validation)
     _train_and_evaluate(run, triples)
-    table = write_report(cfg, run.dir, heldout_source, len(triples), run.ledger)
+    costs = cost_table({**run.shared_ledger.state, **run.ledger.state},
+                       run_counts(run.dir, run.shared, cfg.select.methods, len(triples)),
+                       resolved_device(cfg.device), cfg.project_pool_size)
+    table = write_report(cfg, run.dir, heldout_source, len(triples), run.ledger, costs)
     print(table)
     return run.dir
 
@@ -341,7 +351,8 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
     return rows
 
 
-def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger) -> str:
+def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger,
+                 costs: dict | None = None) -> str:
     from rose_select import plots
     from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
 
@@ -363,12 +374,13 @@ def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int,
                               title=f"share per best-matching subtask (assigned by {reference})")
     timing = {k: v.get("seconds") for k, v in ledger.state.items()}
     write_json(run / "results.json", {"rows": rows, "heldout_source": heldout_source, "n_heldout": n_heldout,
-                                      "stage_seconds": timing})
+                                      "stage_seconds": timing, "costs": costs})
     report = (f"# rose run: {run}\n\nmodel `{cfg.model}`, pool `{cfg.pool}`, target `{cfg.validation}`; "
               f"{n_heldout} held-out pairs from `{Path(heldout_source).name}` (prompts used for selection removed).\n\n"
               f"## Held-out preference metrics (implicit reward vs the base model)\n\n{table}\n\n"
               f"## Selection overlap (Jaccard)\n\n{overlap_md}\n\n"
               f"## Selected share per subtask\n\n{shares_md}\n\n"
-              f"## Stage times (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timing.items()) + "\n")
+              f"## Stage times (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timing.items()) + "\n"
+              + (f"\n## Cost per stage\n\n{cost_markdown(costs, markdown)}\n" if costs else ""))
     write_text(run / "report.md", report)
     return table

@@ -291,7 +291,7 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
     from rose_select.experiments import target_name
     from rose_select.features.stage import run_featurize
     from rose_select.pipeline import _checkpoints, featurize_jobs, resolve_input, select_config, training_configs
-    from rose_select.training import run_warmup
+    from rose_select.train.stage import run_warmup
 
     out_dir = Path(out_dir) / f"seed-{seed}"
     pool, truth = build_pool(cfg, seed, out_dir)

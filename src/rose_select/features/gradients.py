@@ -37,6 +37,7 @@ from torch import Tensor
 
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.losses import IGNORE_INDEX, dpo_loss, sft_loss_from_packed, sum_per_row
+from rose_select.train.hf_import import checkpoint_moments
 from rose_select.modeling import lora_parameters
 
 LossFn = Callable[[object, dict], Tensor]
@@ -87,11 +88,9 @@ def adam_transform(g: Tensor, m: Tensor, v: Tensor, beta1: float = 0.9, beta2: f
 
 def load_adam_state(ckpt_dir, model, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                     device="cpu") -> AdamState:
-    from rose_select.modeling import load_optimizer_state
-
-    names = list(lora_parameters(model))
-    moments, _ = load_optimizer_state(ckpt_dir, names)
-    return AdamState(moments, beta1, beta2, eps).to(device)
+    """The checkpoint's Adam moments (``optimizer_state.safetensors``, or a Hugging Face Trainer's
+    ``optimizer.pt``/``optimizer.bin``) for ``model``'s LoRA parameters."""
+    return AdamState(checkpoint_moments(ckpt_dir, model), beta1, beta2, eps).to(device)
 
 
 # --------------------------------------------------------------------------- LoRA modules
@@ -166,7 +165,8 @@ def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
                               f"[batch, seq, hidden] = {list(keep.shape)} + [...] (an unusual model head?)")
         return (hidden[keep], *args[1:])
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    owner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    handle = owner.get_output_embeddings().register_forward_pre_hook(select)
     try:
         logits = model(**model_inputs(batch), use_cache=False).logits
     finally:

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from rose_select.config import require
 from rose_select.errors import ConfigError, DataError, NonFiniteError
-from rose_select.features.joint import load_reference, pair_scale
+from rose_select.features.joint import REFS, load_reference, pair_scale
 from rose_select.features.sink import outputs
-from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.modeling import LoraSettings, ModelSettings, model_identity
 from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tokenization import TokenizeConfig
 
@@ -83,9 +84,7 @@ class FeatureSettings:
              "adam_beta1/adam_beta2 must lie in [0, 1) and adam_eps be > 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         getattr(super(), "__post_init__", lambda: None)()
 
 
@@ -206,14 +205,14 @@ def plan_rounds(batches: list[list[int]], world: int) -> list[list[list[int]]]:
 def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: str | None,
                          data_sha: str) -> dict:
     import rose_select
-    from rose_select.modeling import model_identity
 
     ckpt = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
     return {
         "stage": "featurize", "featurize_version": FEATURIZE_VERSION,
         "rose_select_version": getattr(rose_select, "__version__", "?"),
         "model": model_identity(cfg.model), "model_dtype": cfg.model_dtype,  # by content, not path
-        "checkpoint": ckpt, "adapter_sha256": adapter_sha,
+        "checkpoint": ckpt, "adapter_sha256": adapter_sha,  # and the Adam moments, by content:
+        "optimizer_sha256": _file_sha(str(Path(cfg.checkpoint) / "optimizer_state.safetensors")) if cfg.adam else None,
         "lora": None if cfg.checkpoint else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                              "target_modules": list(cfg.lora.target_modules),
                                              "init_seed": cfg.seed},
@@ -222,7 +221,7 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "loss": cfg.loss, "adam": cfg.adam,
         "adam_hparams": [cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps] if cfg.adam else None,
         "beta": cfg.beta if cfg.loss == "pairwise" else None,
-        "ref": cfg.ref if cfg.loss == "pairwise" else None,
+        "ref": (cfg.ref if cfg.ref in REFS else model_identity(cfg.ref)) if cfg.loss == "pairwise" else None,
         **({"pair_scale": pair_scale(cfg.ref)} if cfg.loss == "pairwise" else {}),
         "projection": projector_fp, "max_length": cfg.tokenize.max_length, "template": cfg.tokenize.template,
         "truncation": cfg.tokenize.truncation, "batch_size": cfg.batch_size, "padding_side": cfg.padding_side,

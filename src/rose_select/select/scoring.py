@@ -41,14 +41,16 @@ _CHUNK_BYTES = 128 << 20
 
 @dataclass
 class ScoreResult:
-    """Scores of every pool row. ``per_group[:, s]`` is the weighted mean cosine with subtask
-    ``group_names[s]``; ``scores`` is its max (or mean) over subtasks."""
+    """Scores of every pool row, what every selection method returns. For the gradient methods
+    ``per_group[:, s]`` is the weighted mean cosine with subtask ``group_names[s]`` and ``scores``
+    its max (or mean) over subtasks."""
 
     scores: np.ndarray  # [N] float64
-    per_group: np.ndarray  # [N, S] float64
-    group_names: list[str]
+    per_group: np.ndarray | None = None  # [N, S] float64; None for methods without subtasks
+    group_names: list[str] | None = None
     zero_train_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     zero_val_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    extra: dict = field(default_factory=dict)  # the method's own settings and weights, for summary.json
 
     def best_group(self) -> list[str]:
         """Name of the best-matching subtask of every pool row."""

@@ -9,19 +9,20 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from rose_select.checkpoints import completed_epochs, logged_steps, lr_log, read_state
+from rose_select.train.checkpoints import completed_epochs, logged_steps, lr_log, read_state
 from rose_select.config import to_dict
 from rose_select.errors import StoreMismatchError
 from rose_select.io import read_json, remove_stale_temps, sha256_json, write_json
 from rose_select.modeling import model_identity
 
 # Keys of the config that do not change the result (left out of the fingerprint).
-NOT_FINGERPRINTED = ("output", "device", "save_every_epoch")
+NOT_FINGERPRINTED = ("output", "device", "save_every_epoch", "report_to")
 
 
-def fingerprint(cfg, source: dict, ids: Sequence[str]) -> tuple[dict, str]:
-    """(resolved config, fingerprint of everything that changes the result)."""
-    resolved = to_dict(cfg)
+def fingerprint(cfg, source: dict, ids: Sequence[str], extra: dict | None = None) -> tuple[dict, str]:
+    """(resolved config, fingerprint of everything that changes the result); ``extra``: settings
+    from outside the config (e.g. the number of processes), recorded and compared like its keys."""
+    resolved = {**to_dict(cfg), **(extra or {})}
     key = {k: v for k, v in resolved.items() if k not in NOT_FINGERPRINTED}
     # the model by content: a relative or absolute path agree, weights replaced in place do not
     key.update(source=source, ids_sha256=sha256_json(list(ids)), model=model_identity(cfg.model))
@@ -49,11 +50,11 @@ def check_or_write_config(run_dir: Path, resolved: dict, fp: str) -> None:
     write_json(path, {"config": resolved, "fingerprint": fp})
 
 
-def prepare(run_dir: Path, cfg, source: dict, ids: Sequence[str]) -> bool:
+def prepare(run_dir: Path, cfg, source: dict, ids: Sequence[str], extra: dict | None = None) -> bool:
     """Check or write the run's config (the model is resolved first, so a mistyped path fails
     before anything is written) and clear temporaries of killed runs. Returns True if this call
     created the directory."""
-    resolved, fp = fingerprint(cfg, source, ids)
+    resolved, fp = fingerprint(cfg, source, ids, extra)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     check_or_write_config(run_dir, resolved, fp)

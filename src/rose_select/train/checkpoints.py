@@ -6,7 +6,9 @@ moments) and ``trainer_state.json``: ``{"epoch", "step", "epoch_mean_lr", "steps
 stage reads from a checkpoint (weights, moments, the learning rates that weight its features) is
 written into the temporary directory that is then renamed into place, so no kill can leave a
 checkpoint without its learning rates: ``lr_log.json`` and ``train_log.json`` beside the
-checkpoints are derived from them and rewritten on every rerun.
+checkpoints are derived from them and rewritten on every rerun. ``hf_trainer_state.json`` is the
+Hugging Face Trainer's own state (``global_step``, every step so far in ``log_history``): what a
+resumed run hands back to the Trainer.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import numpy as np
 
 from rose_select.errors import CheckpointError
 from rose_select.io import read_json, write_dir_atomically, write_json
+from rose_select.modeling import load_optimizer_state, lora_parameters
 
 STATE = "trainer_state.json"
+HF_STATE = "hf_trainer_state.json"
 
 
 def epoch_mean_lrs(steps: Sequence[dict], epochs: int) -> list[float]:
@@ -99,3 +103,28 @@ def warmup_epochs(run_dir: str | Path) -> int | None:
     """The epoch count the warm-up in ``run_dir`` was configured with (None if unknown)."""
     path = Path(run_dir) / "config.json"
     return read_json(path).get("config", {}).get("epochs") if path.exists() else None
+
+
+def step_log(state) -> list[dict]:
+    """``{step, epoch, lr, loss}`` of every optimizer step from a Trainer state's ``log_history``
+    (logged at every step; ``learning_rate`` is the lr that step used); ``epoch`` is 1-based."""
+    per_epoch = max(1, state.max_steps // max(1, int(state.num_train_epochs)))
+    return [{"step": h["step"], "epoch": (h["step"] - 1) // per_epoch + 1, "lr": h["learning_rate"],
+             "loss": h["loss"]} for h in state.log_history if "loss" in h and "learning_rate" in h]
+
+
+def load_moments_into(ckpt_dir: str | Path, model, optimizer, step: int) -> None:
+    """Put a checkpoint's Adam moments (by canonical name) into ``optimizer`` at ``step``."""
+    import torch
+
+    params = lora_parameters(model)
+    moments, meta = load_optimizer_state(ckpt_dir, list(params))
+    if int(meta.get("step", -1)) != step:
+        raise CheckpointError(f"{ckpt_dir}: optimizer state is at step {meta.get('step')}, the Trainer state "
+                              f"at step {step}; delete this checkpoint to redo its epoch")
+    with torch.no_grad():
+        for name, p in params.items():
+            m, v = moments[name]
+            optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                  "exp_avg": m.to(device=p.device, dtype=p.dtype),
+                                  "exp_avg_sq": v.to(device=p.device, dtype=p.dtype)}
