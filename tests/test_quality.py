@@ -225,7 +225,8 @@ def test_selection_summary_has_the_length_diagnostic(tmp_path):
 
 
 def test_stores_each_method_needs():
-    from rose_select.select.stage import SelectConfig, stores_needed
+    from rose_select.select.methods import stores_needed
+    from rose_select.select.stage import SelectConfig
 
     assert stores_needed("rose") == {"pairwise"} and stores_needed("less") == {"sft_chosen"}
     assert stores_needed("rose_plus") == {"pairwise", "sft_chosen"}
