@@ -225,7 +225,8 @@ def test_selection_summary_has_the_length_diagnostic(tmp_path):
 
 
 def test_stores_each_method_needs():
-    from rose_select.select.stage import SelectConfig, stores_needed
+    from rose_select.select.methods import stores_needed
+    from rose_select.select.stage import SelectConfig
 
     assert stores_needed("rose") == {"pairwise"} and stores_needed("less") == {"sft_chosen"}
     assert stores_needed("rose_plus") == {"pairwise", "sft_chosen"}
@@ -233,7 +234,7 @@ def test_stores_each_method_needs():
     assert stores_needed("rose", "pairwise", 0.5) == {"pairwise", "sft_chosen"} and stores_needed("bm25") == set()
     cfg = SelectConfig(method="rose_plus", pool="x", validation="y")
     assert (cfg.direction, cfg.chosen_weight, cfg.center) == ("pairwise", 2.0, True)
-    with pytest.raises(ConfigError, match="options of rose"):
+    with pytest.raises(ConfigError, match="chosen_weight: not options of method .less."):
         SelectConfig(method="less", chosen_weight=1.0)
-    with pytest.raises(ConfigError, match="per-subtask scores"):
+    with pytest.raises(ConfigError, match="balanced: not options of method .bm25."):
         SelectConfig(method="bm25", balanced=True)

@@ -254,3 +254,19 @@ def test_gradient_checkpointing_changes_memory_not_the_result(tiny_model_dir, tm
     a, b = adapter_tensors(plain / "ckpt-1"), adapter_tensors(ckpt / "ckpt-1")
     for k in a:  # LoRA dropout 0.1 included: the recomputed forward replays the same masks
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_training_loss_names_the_example_and_leaves_nothing(tmp_path):
+    from rose_select.errors import NonFiniteError
+    from rose_select.testing import poison_embeddings, write_tiny_model_dir
+
+    model = write_tiny_model_dir(tmp_path / "model")
+    poison_embeddings(model, "~~~~")
+    pool = tmp_path / "poisoned.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"p{i}", "messages": [
+        {"role": "user", "content": f"Question {i}?"},
+        {"role": "assistant", "content": "~~~~" if i == 3 else f"Flour {i}."}]}) + "\n" for i in range(6)))
+    cfg = small_cfg(WarmupConfig, model, tmp_path, data=str(pool), fraction=1.0, batch_size=6, grad_accum=1)
+    with pytest.raises(NonFiniteError, match=r"non-finite training loss for example\(s\) \['p3'\]"):
+        run_warmup(cfg)
+    assert not (tmp_path / "run").exists()  # a first run that failed before its first checkpoint

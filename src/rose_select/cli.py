@@ -12,7 +12,13 @@ import os
 import sys
 
 from rose_select import __version__
+from rose_select.config import add_arguments, from_args
+from rose_select.data import validate_file
+from rose_select.errors import RoseError, describe_os_error
+from rose_select.modeling import load_adapter, load_model, load_tokenizer
+from rose_select.records import Message
 from rose_select.runtime import configure_cpu, quiet_libraries
+from rose_select.tokenization import TokenizeConfig, encode_prompt
 
 # command -> "module:ConfigClass:run_function" (imported only when the command runs)
 STAGES = {
@@ -36,7 +42,6 @@ HELP = {
 OTHER = {"data": "inspect and validate data files (rose data validate FILE)",
          "answer": "greedy-answer a prompt with a model (and optional adapter)"}
 
-
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rose", description="Reward-oriented data selection (ROSE) and its baselines.")
     p.add_argument("--version", action="version", version=f"rose-select {__version__}")
@@ -47,9 +52,7 @@ def _top_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help_text, add_help=False)
     return p
 
-
 def _stage_main(name: str, argv: list[str]) -> int:
-    from rose_select.config import add_arguments, from_args
 
     module_name, cfg_name, fn_name = STAGES[name].split(":")
     module = importlib.import_module(module_name)
@@ -70,9 +73,7 @@ def _stage_main(name: str, argv: list[str]) -> int:
         print(result)
     return 0
 
-
 def _data_main(argv: list[str]) -> int:
-    from rose_select.data import validate_file
 
     p = argparse.ArgumentParser(prog="rose data", description=OTHER["data"])
     sub = p.add_subparsers(dest="action", required=True)
@@ -92,7 +93,6 @@ def _data_main(argv: list[str]) -> int:
         status |= 0 if report.ok else 1
     return status
 
-
 def _answer_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rose answer", description=OTHER["answer"])
     p.add_argument("prompt")
@@ -102,10 +102,6 @@ def _answer_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     import torch
-
-    from rose_select.modeling import load_adapter, load_model, load_tokenizer
-    from rose_select.records import Message
-    from rose_select.tokenization import TokenizeConfig, encode_prompt
 
     model, tok = load_model(args.model), load_tokenizer(args.model)
     if args.adapter:
@@ -118,9 +114,7 @@ def _answer_main(argv: list[str]) -> int:
     print(tok.decode(out[0][len(ids):], skip_special_tokens=True).strip())
     return 0
 
-
 def main(argv: list[str] | None = None) -> int:
-    from rose_select.errors import RoseError, describe_os_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -146,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     top.parse_args(argv)  # unknown command: argparse prints the choices and exits 2
     return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

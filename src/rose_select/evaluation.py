@@ -29,16 +29,27 @@ from typing import Sequence
 
 import numpy as np
 
+from rose_select import data
+from rose_select.config import require, to_dict
 from rose_select.data import load_test_prompts
-from rose_select.config import require
 from rose_select.errors import ConfigError, DataError
+from rose_select.features.gradients import response_logprobs
+from rose_select.io import atomic_path, write_json, write_jsonl, write_text
 from rose_select.judge_http import HttpJudge, chat_completions_url
 from rose_select.judges import hh_text, load_judge
+from rose_select.losses import sft_loss_from_packed, sum_per_row
+from rose_select.modeling import ModelSettings, load_adapter, load_model, load_tokenizer
 from rose_select.records import Message, PreferenceTriple
-from rose_select.modeling import ModelSettings
 from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tables import markdown
-from rose_select.tokenization import TokenizeConfig
+from rose_select.tokenization import (
+    IGNORE_INDEX,
+    TokenizeConfig,
+    collate,
+    encode_messages,
+    encode_prompt,
+    encode_triple,
+)
 
 @dataclass
 class EvalSettings:
@@ -76,7 +87,6 @@ class EvalSettings:
             chat_completions_url(self.judge_url)  # validates the URL
         getattr(super(), "__post_init__", lambda: None)()
 
-
 @dataclass
 class EvalConfig(ModelSettings, EvalSettings):
     """One evaluation: the base model (also π_ref), an optional adapter, held-out pairs and/or test prompts."""
@@ -106,19 +116,16 @@ class EvalConfig(ModelSettings, EvalSettings):
                          retries=self.judge_retries, backoff=self.judge_backoff, rps=self.judge_rps,
                          timeout=self.judge_timeout)
 
-
 # ---------------------------------------------------------------------------- pure metric math
 
 def implicit_reward(logp, ref_logp, beta: float):
     """DPO implicit reward β (log π − log π_ref) (numpy or torch, elementwise)."""
     return beta * (logp - ref_logp)
 
-
 def dpo_losses(pol_w, pol_l, ref_w, ref_l, beta: float) -> np.ndarray:
     """−log σ(β((π_w − ref_w) − (π_l − ref_l))), numerically stable, float64."""
     z = beta * ((np.asarray(pol_w, np.float64) - ref_w) - (np.asarray(pol_l, np.float64) - ref_l))
     return np.logaddexp(0.0, -z)
-
 
 def preference_metrics(pol_w, pol_l, ref_w, ref_l, n_w, n_l, sft_w, beta: float) -> dict:
     """Means over triples of the metrics in the module docstring. Inputs: arrays of length N."""
@@ -138,21 +145,15 @@ def preference_metrics(pol_w, pol_l, ref_w, ref_l, n_w, n_l, sft_w, beta: float)
         "loss/sft": float(sft_w.mean()),
     }
 
-
 # ---------------------------------------------------------------------------- model passes
 
 def _batches(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
-
 def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: int, device) -> dict[str, np.ndarray]:
     """Summed response log-prob, response token count and SFT loss of each encoding."""
     import torch
-
-    from rose_select.features.gradients import response_logprobs
-    from rose_select.losses import sft_loss_from_packed, sum_per_row
-    from rose_select.tokenization import IGNORE_INDEX, collate
 
     encodings = list(encodings)
     # batches of similar length waste little compute on padding; results go back to input order
@@ -168,10 +169,8 @@ def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: in
     inverse = np.argsort(np.asarray(order, dtype=np.int64))
     return {k: np.concatenate(v)[inverse] if order else np.zeros(0) for k, v in out.items()}
 
-
 def _has_adapter(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
 
 def sequences_key(tag: str, seqs: Sequence[dict]) -> str:
     """Fingerprint of a reference pass: ``tag`` (base model and dtype) and the exact token ids and labels."""
@@ -183,11 +182,9 @@ def sequences_key(tag: str, seqs: Sequence[dict]) -> str:
         h.update(np.asarray(e["labels"], np.int64).tobytes() + b";")
     return h.hexdigest()
 
-
 def _cached_reference(path: str | None, key: str, compute) -> dict[str, np.ndarray]:
     """Reference (base-model) log-probs are the same for every adapter evaluated on the same
     pairs: keep them in ``path`` (an .npz tagged with ``key``) and reuse them when the key matches."""
-    from rose_select.io import atomic_path
 
     if path and Path(path).exists():
         with np.load(path, allow_pickle=False) as z:
@@ -199,13 +196,11 @@ def _cached_reference(path: str | None, key: str, compute) -> dict[str, np.ndarr
             np.savez(f, key=np.array(key), **ref)
     return ref
 
-
 def triple_stats(model, tokenizer, triples: Sequence[PreferenceTriple], tok_cfg: TokenizeConfig,
                  batch_size: int, device, *, reference_cache: str | None = None,
                  reference_key: str = "") -> dict[str, np.ndarray]:
     """Policy and reference (adapter disabled) stats of the chosen and rejected answers.
     ``reference_cache``: an .npz reused across adapters (see ``_cached_reference``)."""
-    from rose_select.tokenization import encode_triple
 
     enc = [encode_triple(t, tokenizer, tok_cfg) for t in triples]
     seqs = [e["chosen"] for e in enc] + [e["rejected"] for e in enc]
@@ -225,7 +220,6 @@ def triple_stats(model, tokenizer, triples: Sequence[PreferenceTriple], tok_cfg:
     return {"pol_w": pol["logp"][:n], "pol_l": pol["logp"][n:], "ref_w": ref["logp"][:n], "ref_l": ref["logp"][n:],
             "n_w": pol["n"][:n], "n_l": pol["n"][n:], "sft_w": pol["sft"][:n]}
 
-
 def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], cfg: EvalConfig, device="cpu") -> dict:
     """``{"overall": metrics, "per_subtask": {subtask: metrics}}`` on held-out triples."""
     if not triples:
@@ -238,13 +232,10 @@ def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], 
            for name in dict.fromkeys(subtasks.tolist())}
     return {"overall": preference_metrics(*(s[k] for k in keys), beta=cfg.beta), "per_subtask": per}
 
-
 def greedy_answers(model, tokenizer, prompts: Sequence[list[Message]], tok_cfg: TokenizeConfig,
                    max_new_tokens: int, batch_size: int, device) -> list[str]:
     """Greedy decoding of each prompt (left-padded batches)."""
     import torch
-
-    from rose_select.tokenization import collate, encode_prompt
 
     answers = []
     for chunk in _batches(list(prompts), batch_size):
@@ -258,15 +249,12 @@ def greedy_answers(model, tokenizer, prompts: Sequence[list[Message]], tok_cfg: 
         answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     return answers
 
-
 def golden_stats(model, tokenizer, items: Sequence[tuple[list[Message], str]], tok_cfg: TokenizeConfig,
                  batch_size: int, device) -> dict[str, np.ndarray]:
-    from rose_select.tokenization import encode_messages
 
     enc = [encode_messages(list(p) + [Message("assistant", g)], tokenizer, tok_cfg, record=str(i), pair=True)
            for i, (p, g) in enumerate(items)]
     return sequence_stats(model, enc, tokenizer.pad_token_id, batch_size, device)
-
 
 def test_prompts_by_subtask(path, limit: int | None = None) -> dict[str, list[tuple[list[Message], str]]]:
     """Test prompts with golden answers (``rose_select.data.load_test_prompts``), grouped by
@@ -281,7 +269,6 @@ def test_prompts_by_subtask(path, limit: int | None = None) -> dict[str, list[tu
     if not grouped:
         raise ConfigError(f"{path}: no test prompts (*.json files of {{prompt, golden_answer}})")
     return grouped
-
 
 def evaluate_test_prompts(model, tokenizer, prompts: dict[str, list], cfg: EvalConfig, judge=None, device="cpu"):
     """Golden-answer log-likelihood (and judge win rate) per subtask; also returns the generations."""
@@ -302,7 +289,6 @@ def evaluate_test_prompts(model, tokenizer, prompts: dict[str, list], cfg: EvalC
         per[subtask] = m
     return per, generations
 
-
 def _overall_test(per: dict) -> dict:
     """Prompt-weighted means of the per-subtask test metrics."""
     n = sum(m["n_prompts"] for m in per.values())
@@ -313,7 +299,6 @@ def _overall_test(per: dict) -> dict:
             out[key] = sum(v * k for v, k in vals) / sum(k for _, k in vals)
     return out
 
-
 # ---------------------------------------------------------------------------- stage
 
 def markdown_table(metrics: dict) -> str:
@@ -321,9 +306,7 @@ def markdown_table(metrics: dict) -> str:
     rows = {**metrics.get("per_subtask", {}), "**overall**": metrics.get("overall", {})}
     return markdown([{"subtask": name, **m} for name, m in rows.items()]) + "\n"
 
-
 def _load_triples(cfg: EvalConfig) -> list[PreferenceTriple]:
-    from rose_select import data
 
     triples = []
     for path in cfg.preferences:
@@ -340,13 +323,9 @@ def _load_triples(cfg: EvalConfig) -> list[PreferenceTriple]:
         triples = kept
     return triples
 
-
 def run_evaluate(cfg: EvalConfig, triples: Sequence[PreferenceTriple] | None = None) -> Path:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter``); writes ``metrics.json``, ``metrics.md`` and,
     with a judge, ``generations.jsonl``. ``triples``: evaluate these instead of reading files."""
-    from rose_select.config import to_dict
-    from rose_select.io import write_json, write_jsonl, write_text
-    from rose_select.modeling import load_adapter, load_model, load_tokenizer
 
     triples = list(triples) if triples is not None else _load_triples(cfg)
     if not triples and not cfg.test_prompts:

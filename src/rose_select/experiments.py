@@ -29,10 +29,28 @@ from pathlib import Path
 
 import numpy as np
 
-from rose_select.errors import ConfigError
+from rose_select import plots
+from rose_select.config import save_yaml, to_dict
+from rose_select.data import heldout_pairs, load_preferences
 from rose_select.data.builtin import BUILTIN
-from rose_select.pipeline import RunConfig, eval_config
+from rose_select.data.heldout import prompt_key
+from rose_select.data.preferences import target_name
+from rose_select.errors import ConfigError
+from rose_select.evaluation import run_evaluate
+from rose_select.io import write_json, write_jsonl, write_text
+from rose_select.pipeline import (
+    RunConfig,
+    eval_config,
+    heldout_triples,
+    resolve_input,
+    run_pipeline,
+    training_configs,
+)
+from rose_select.plots import _corr, _ranks
+from rose_select.quality import quality as run_quality
+from rose_select.select.stage import METHODS
 from rose_select.tables import markdown
+from rose_select.train.stage import run_train
 
 EXPERIMENTS = ("table1", "subtasks", "figure3", "table2", "table3", "figure4", "table9", "quality")
 DEFAULT_TARGETS = [f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json",
@@ -42,7 +60,6 @@ DEFAULT_METHODS = {"table1": None, "subtasks": None, "figure3": None, "table2": 
                    "table3": ["rose"], "figure4": ["rose", "less", "random"], "table9": ["rose", "random"],
                    "quality": ["rose", "rose_plus", "rose_ln", "less", "random", "bm25", "rds", "dsir", "influence", "shapley"]}
 METRICS = ("rewards/accuracies", "rewards/margins", "logps/accuracy")
-
 
 @dataclass
 class ExperimentConfig:
@@ -61,7 +78,6 @@ class ExperimentConfig:
     plant_per_subtask: dict = field(default_factory=lambda: {"shp": 3, "se": 5, "hh": 10}, metadata={"help": "quality: planted prompts per subtask, by set name (YAML)"})
 
     def __post_init__(self):
-        from rose_select.select.stage import METHODS
 
         if self.experiment not in EXPERIMENTS:
             raise ConfigError(f"experiment must be one of {list(EXPERIMENTS)}, got {self.experiment!r}")
@@ -78,29 +94,17 @@ class ExperimentConfig:
             raise ConfigError(f"figure4 needs shots >= 1, got {self.shots}")
 
     def method_list(self) -> list[str]:
-        from rose_select.select.stage import METHODS
 
         return list(self.methods or DEFAULT_METHODS[self.experiment] or METHODS)
 
-
 # ------------------------------------------------------------------------------------- pure helpers
-
-def target_name(path: str) -> str:
-    """``.../shp_5_shot_preference.json`` -> ``shp_5_shot``."""
-    name = Path(path).name
-    for suffix in ("_preference.json", ".jsonl", ".json"):
-        name = name.removesuffix(suffix)
-    return name
-
 
 def checkpoint_sets(n_epochs: int) -> list[list[int]]:
     """Table 3's sets: the last checkpoint, the last two, ..., all ``n_epochs``."""
     return [list(range(n_epochs - k + 1, n_epochs + 1)) for k in range(1, n_epochs + 1)]
 
-
 def first_k_prompts(triples, k: int) -> list:
     """Triples of the first ``k`` distinct prompts of each subtask (every pair of such a prompt)."""
-    from rose_select.data.heldout import prompt_key
 
     kept_prompts: dict[str, list] = {}
     out = []
@@ -113,18 +117,14 @@ def first_k_prompts(triples, k: int) -> list:
             out.append(t)
     return out
 
-
 def write_triples_jsonl(triples, path: Path) -> Path:
     """Preference triples as TRL-style JSONL rows with their subtask (a format ``load_preferences`` reads)."""
-    from rose_select.io import write_jsonl
 
     write_jsonl(path, ({"id": t.id, "subtask": t.subtask, "chosen": t.chosen, "rejected": t.rejected,
                         "prompt": [{"role": m.role, "content": m.content} for m in t.prompt]} for t in triples))
     return path
 
-
 def correlations(x, y) -> dict:
-    from rose_select.plots import _corr, _ranks
 
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < 3:
@@ -132,12 +132,10 @@ def correlations(x, y) -> dict:
     nan_none = lambda v: None if not np.isfinite(v) else float(v)
     return {"pearson": nan_none(_corr(x, y)), "spearman": nan_none(_corr(_ranks(x), _ranks(y))), "n": int(len(x))}
 
-
 # ------------------------------------------------------------------------------------- runs
 
 def _run(cfg: ExperimentConfig, name: str, **changes) -> Path:
     """One ``rose run`` under the experiment directory, sharing target-independent stages."""
-    from rose_select.pipeline import run_pipeline
 
     select = replace(cfg.base.select, **changes.pop("select", {}))
     featurize = replace(cfg.base.featurize, **changes.pop("featurize", {}))
@@ -151,23 +149,18 @@ def _run(cfg: ExperimentConfig, name: str, **changes) -> Path:
     print(f"[rose experiment] run {name}", flush=True)
     return run_pipeline(run_cfg)
 
-
 def finished_with(run: Path, run_cfg: RunConfig) -> bool:
     """A run that completed (``results.json``) with exactly this config is reused as it is, so
     the experiments that share runs (table1, subtasks, figure3) only aggregate; ``rose run`` on
     the run directory re-checks every stage."""
     import yaml
 
-    from rose_select.config import to_dict
-
     if not (run / "results.json").exists() or not (run / "config.yaml").exists():
         return False
     return yaml.safe_load((run / "config.yaml").read_text()) == json.loads(json.dumps(to_dict(run_cfg)))
 
-
 def _metrics(run: Path, method: str) -> dict:
     return json.loads((run / "eval" / method / "metrics.json").read_text())
-
 
 def _method_rows(run: Path, methods: list[str], **labels) -> list[dict]:
     rows = []
@@ -176,18 +169,15 @@ def _method_rows(run: Path, methods: list[str], **labels) -> list[dict]:
         rows.append({**labels, "method": m, "n_heldout": overall.get("n"), **{k: overall.get(k) for k in METRICS}})
     return rows
 
-
 def _target_runs(cfg: ExperimentConfig) -> dict[str, Path]:
     """One run per target; each target has its own held-out pairs (never the base config's)."""
     heldouts = cfg.heldouts or [None] * len(cfg.targets)
     return {target_name(t): _run(cfg, target_name(t), validation=t, select={"methods": cfg.method_list()},
                                  evaluate={"heldout": h}) for t, h in zip(cfg.targets, heldouts)}
 
-
 # ------------------------------------------------------------------------------------- experiments
 
 def table1(cfg: ExperimentConfig, out: Path) -> dict:
-    from rose_select import plots
 
     runs = _target_runs(cfg)
     rows = [r for name, run in runs.items() for r in _method_rows(run, cfg.method_list(), target=name)]
@@ -201,7 +191,6 @@ def table1(cfg: ExperimentConfig, out: Path) -> dict:
           + markdown(list(wide.values()), ["method", *runs]) + "\n\nAll metrics:\n\n" + markdown(rows))
     return {"rows": rows, "markdown": md, "runs": {k: str(v) for k, v in runs.items()}}
 
-
 def subtasks(cfg: ExperimentConfig, out: Path) -> dict:
     runs = _target_runs(cfg)
     rows, parts = [], []
@@ -213,14 +202,10 @@ def subtasks(cfg: ExperimentConfig, out: Path) -> dict:
         parts.append(f"### {name}\n\nHeld-out preference accuracy per subtask:\n\n{markdown(table)}")
     return {"rows": rows, "markdown": "\n\n".join(parts), "runs": {k: str(v) for k, v in runs.items()}}
 
-
 def figure3(cfg: ExperimentConfig, out: Path) -> dict:
     """Validation losses on the few-shot set (what a user can compute before training on test
     data) against held-out accuracy: the paper finds the SFT loss does not track the target metric
     and the pairwise loss does. One point per trained model (method) and target."""
-    from rose_select import plots
-    from rose_select.evaluation import run_evaluate
-    from rose_select.pipeline import resolve_input
 
     runs = _target_runs(cfg)
     points = []
@@ -255,14 +240,12 @@ def figure3(cfg: ExperimentConfig, out: Path) -> dict:
           + markdown(stat_rows))
     return {"rows": points, "correlations": stats, "markdown": md, "runs": {k: str(v) for k, v in runs.items()}}
 
-
 def _adapter_of(run: Path, method: str) -> str:
     """The adapter a finished run evaluated for ``method`` (as its metrics record it)."""
     adapter = _metrics(run, method)["config"]["adapter"]
     if not adapter:
         raise ConfigError(f"{run}: no trained model for method {method!r}")
     return adapter
-
 
 def table2(cfg: ExperimentConfig, out: Path) -> dict:
     target = cfg.base.validation
@@ -272,9 +255,7 @@ def table2(cfg: ExperimentConfig, out: Path) -> dict:
     return {"rows": rows, "markdown": f"Target `{target_name(target)}`.\n\n" + markdown(rows),
             "runs": {k: str(v) for k, v in runs.items()}}
 
-
 def table3(cfg: ExperimentConfig, out: Path) -> dict:
-    from rose_select import plots
 
     sets = checkpoint_sets(cfg.base.warmup.epochs)
     rows, runs = [], {}
@@ -291,11 +272,7 @@ def table3(cfg: ExperimentConfig, out: Path) -> dict:
                         f"Table 3: number of checkpoints ({m})", out / f"table3_{m}.png")
     return {"rows": rows, "markdown": markdown(rows), "runs": {k: str(v) for k, v in runs.items()}}
 
-
 def figure4(cfg: ExperimentConfig, out: Path) -> dict:
-    from rose_select import plots
-    from rose_select.data import heldout_pairs, load_preferences
-    from rose_select.pipeline import resolve_input
 
     source = load_preferences(resolve_input(cfg.shots_source))
     k_max = max(cfg.shots)
@@ -320,13 +297,9 @@ def figure4(cfg: ExperimentConfig, out: Path) -> dict:
     return {"rows": rows, "markdown": f"{len(held)} held-out pairs (the same for every k).\n\n" + markdown(rows),
             "runs": {k: str(v) for k, v in runs.items()}}
 
-
 def table9(cfg: ExperimentConfig, out: Path) -> dict:
     """Select with ``base.model``; train each of ``models`` on those selections (same recipe) and
     evaluate it against its own base model on the same held-out pairs."""
-    from rose_select.evaluation import run_evaluate
-    from rose_select.pipeline import heldout_triples, resolve_input, training_configs
-    from rose_select.train.stage import run_train
 
     source_run = _run(cfg, f"select-{_slug(cfg.base.model)}-{target_name(cfg.base.validation)}",
                       select={"methods": cfg.method_list()})
@@ -353,35 +326,26 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
     return {"rows": rows, "markdown": f"Target `{target_name(cfg.base.validation)}`.\n\n" + markdown(rows),
             "runs": {"select": str(source_run)}}
 
-
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
 
-
 def quality(cfg: ExperimentConfig, out: Path) -> dict:
-    from rose_select.quality import quality as run_quality
 
     return run_quality(cfg, out)
-
 
 RUNNERS = {"quality": quality, "table1": table1, "subtasks": subtasks, "figure3": figure3, "table2": table2, "table3": table3,
            "figure4": figure4, "table9": table9}
 
-
 def add_cli_arguments(command: str, parser) -> None:
     parser.add_argument("name", nargs="?", choices=EXPERIMENTS, help="the experiment (same as --experiment)")
-
 
 def handle_cli(command: str, args) -> int | None:
     if args.name:
         args.experiment = args.name
     return None
 
-
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run one experiment; returns its directory (table.md, results.json, plots)."""
-    from rose_select.config import save_yaml, to_dict
-    from rose_select.io import write_json, write_text
 
     out = Path(cfg.output_dir) / cfg.experiment
     out.mkdir(parents=True, exist_ok=True)

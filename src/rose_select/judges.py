@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from rose_select.errors import ModelLoadError
+from rose_select.modeling import load_model, load_tokenizer
 from rose_select.records import Message
 
 JUDGE_PROMPT = (
@@ -28,19 +29,15 @@ JUDGE_PROMPT = (
     "Answer:"
 )
 
-
-
 def reward_outcome(score_model: float, score_golden: float) -> float:
     """Reward-model judgement of the model answer against the golden one: 1 / 0.5 (tie) / 0."""
     return 1.0 if score_model > score_golden else 0.5 if score_model == score_golden else 0.0
-
 
 def pairwise_outcome(model_first_prefers_a: bool, golden_first_prefers_a: bool) -> float:
     """Both-orders pairwise judgement. Order 1 shows (A=model, B=golden), order 2 (A=golden,
     B=model). 1 if both orders prefer the model answer, 0 if both prefer golden, else 0.5."""
     votes = int(model_first_prefers_a) + int(not golden_first_prefers_a)
     return votes / 2.0
-
 
 # ---------------------------------------------------------------------------- judges
 
@@ -49,7 +46,6 @@ def hh_text(messages: Sequence[Message], answer: str | None = None) -> str:
     text = "".join(f"\n\n{'Human' if m.role == 'user' else 'Assistant'}: {m.content}" for m in messages
                    if m.role != "system")
     return text + "\n\nAssistant:" + (f" {answer}" if answer is not None else "")
-
 
 class RewardJudge:
     """A sequence-classification reward model with one output (higher = better)."""
@@ -84,12 +80,10 @@ class RewardJudge:
     def judge(self, messages, model_answer: str, golden: str) -> float:
         return reward_outcome(self.score(messages, model_answer), self.score(messages, golden))
 
-
 class PairwiseJudge:
     """A causal LM asked ``JUDGE_PROMPT``; compares next-token logits of " A" and " B"."""
 
     def __init__(self, name: str, device="cpu", max_length: int = 2048):
-        from rose_select.modeling import load_model, load_tokenizer
 
         self.tok = load_tokenizer(name)
         self.model = load_model(name, device=device)
@@ -115,7 +109,6 @@ class PairwiseJudge:
         return pairwise_outcome(self.prefers_a(messages, model_answer, golden),
                                 self.prefers_a(messages, golden, model_answer))
 
-
 def load_judge(name: str, kind: str = "auto", device="cpu"):
     """A local judge with ``judge(messages, model_answer, golden)``: a reward model or a causal LM
     (``auto``: from the model config). The endpoint judge is ``judge_http.HttpJudge``."""
@@ -128,5 +121,4 @@ def load_judge(name: str, kind: str = "auto", device="cpu"):
             raise ModelLoadError(f"cannot load judge {name!r}: {e}") from None
         kind = "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "pairwise"
     return RewardJudge(name, device) if kind == "reward" else PairwiseJudge(name, device)
-
 

@@ -14,32 +14,38 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rose_select.train.checkpoints import read_warmup_checkpoints
+from rose_select import plots
 from rose_select.config import compose, save_yaml, section_fields, to_dict
+from rose_select.costs import (
+    cost_markdown,
+    cost_table,
+    current_threads,
+    resolved_device,
+    run_counts,
+    tree_bytes,
+)
+from rose_select.data import find_heldout_file, heldout_pairs, load_preferences
 from rose_select.data.builtin import BUILTIN, resolve_input
 from rose_select.errors import ConfigError, DataError
-from rose_select.costs import cost_markdown, cost_table, current_threads, resolved_device, run_counts, tree_bytes
-from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
-from rose_select.tables import markdown
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
+from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
 from rose_select.modeling import LoraSettings, ModelSettings
 from rose_select.select.methods import GRADIENT_METHODS, METHODS, VARIANTS, stores_needed
 from rose_select.select.stage import SelectConfig, SelectSettings, method_settings, run_select
+from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
+from rose_select.tables import markdown
 from rose_select.tokenization import TokenizeConfig
+from rose_select.train.checkpoints import read_warmup_checkpoints
 from rose_select.train.stage import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
-
-
 
 @dataclass
 class WarmupSection(Schedule):
     fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
 
-
 @dataclass
 class FeaturizeSection(FeatureSettings):
     checkpoints: list[int] | None = field(default=None, metadata={"help": "warm-up epochs to use (default: all)"})
-
 
 @dataclass
 class SelectSection(SelectSettings):
@@ -53,13 +59,11 @@ class SelectSection(SelectSettings):
         if not self.methods:
             raise ConfigError("select.methods must name at least one method")
 
-
 @dataclass
 class EvaluateSection(EvalSettings):
     heldout: str | None = field(default=None, metadata={"help": "preference file to hold pairs out of (default: the largest-shot sibling of validation)"})
     limit_per_subtask: int | None = field(default=None, metadata={"help": "held-out triples per subtask (None: all)"})
     test_prompts: str | None = field(default=None, metadata={"help": "test prompt dir/file with golden answers (optional)"})
-
 
 @dataclass
 class RunConfig(ModelSettings):
@@ -86,7 +90,6 @@ class RunConfig(ModelSettings):
         super().__post_init__()
         if self.project_pool_size is not None and self.project_pool_size < 1:
             raise ConfigError(f"project_pool_size must be >= 1, got {self.project_pool_size}")
-
 
 # ------------------------------------------------------------------------------------- stage bookkeeping
 
@@ -117,17 +120,14 @@ class StageLedger:
         self.state[key] = value
         write_json(self.path, self.state)
 
-
 def _fp(*parts) -> str:
     return sha256_json([to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts])[:16]
-
 
 # ------------------------------------------------------------------------------------- stages
 
 def _model(cfg: RunConfig) -> dict:
     """The run's model settings, for a stage config."""
     return section_fields(cfg, ModelSettings)
-
 
 def training_configs(cfg: RunConfig, shared: Path, pool: str) -> tuple[WarmupConfig, TrainConfig]:
     """The warm-up and the (full-pool) final-training configs of a run."""
@@ -136,7 +136,6 @@ def training_configs(cfg: RunConfig, shared: Path, pool: str) -> tuple[WarmupCon
     warm = compose(WarmupConfig, _model(cfg), cfg.warmup, **data, output=str(shared / "warmup"))
     train = compose(TrainConfig, _model(cfg), cfg.train, **data, full=True, output=str(shared / "train"))
     return warm, train
-
 
 def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str,
                    ckpts: list[Path]) -> list[tuple[str, FeaturizeConfig]]:
@@ -170,7 +169,6 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
                  for kind, io, out in kinds]
     return jobs
 
-
 def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
     ckpts = sorted(warm_dir.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
     if cfg.featurize.checkpoints:
@@ -181,7 +179,6 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
     if not ckpts:
         raise ConfigError(f"{warm_dir}: no warm-up checkpoints")
     return ckpts
-
 
 def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
                   ckpts: list[Path]) -> SelectConfig:
@@ -206,7 +203,6 @@ def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: st
         adapter=str(ckpts[-1]) if method == "rds" else None, tokenize=cfg.tokenize,
         batch_size=cfg.featurize.batch_size, output=str(run / "select" / method))
 
-
 def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides) -> EvalConfig:
     """A run's evaluation settings (its evaluate section, model, tokenisation, device).
     ``test_prompts=False`` leaves out the golden-answer prompts and the judge (preference pairs only)."""
@@ -217,10 +213,8 @@ def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool =
                    test_prompts=cfg.evaluate.test_prompts if test_prompts else None, output=str(output),
                    **overrides)
 
-
 def heldout_triples(cfg: RunConfig, validation: str):
     """Held-out pairs: the larger-shot file minus every prompt used for selection (deterministic)."""
-    from rose_select.data import find_heldout_file, heldout_pairs, load_preferences
 
     kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
     source = resolve_input(cfg.evaluate.heldout) if cfg.evaluate.heldout else str(find_heldout_file(validation))
@@ -238,7 +232,6 @@ def heldout_triples(cfg: RunConfig, validation: str):
         raise ConfigError(f"no held-out pairs: every prompt of {source} is used for selection")
     return source, triples
 
-
 @dataclass
 class _Run:
     """What every phase of a run shares: its config, inputs, fingerprints and ledgers."""
@@ -254,7 +247,6 @@ class _Run:
     fp_warm: str = ""
     shared: Path = None  # target-independent stages: the run dir, or shared by runs with the same warm-up
     shared_ledger: StageLedger = None
-
 
 def _start(cfg: RunConfig) -> _Run:
     """Check the inputs before anything is written (no leftover config.yaml), then record the config."""
@@ -274,7 +266,6 @@ def _start(cfg: RunConfig) -> _Run:
     run.warm = replace(run.warm, output=str(run.shared / "warmup"))
     return run
 
-
 def _warmup_and_features(run: _Run) -> list[Path]:
     """Warm-up, then every feature store the methods need; returns the checkpoints scored."""
     run.shared_ledger.run("warmup", run.fp_warm, [run.shared / "warmup"], lambda: str(run_warmup(run.warm)))
@@ -285,13 +276,11 @@ def _warmup_and_features(run: _Run) -> list[Path]:
         where.run(key, _fp(fcfg, run.fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
     return ckpts
 
-
 def _select_all(run: _Run, ckpts: list[Path]) -> None:
     fp_feat = _fp(run.cfg.featurize, run.fp_warm)
     for method in run.cfg.select.methods:
         scfg = select_config(run.cfg, run.dir, run.shared, method, run.pool, run.validation, ckpts)
         run.ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
-
 
 def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
     """The final model of one method (the full pool's is shared by every target); its fingerprint."""
@@ -305,7 +294,6 @@ def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
         fp_train = _fp(tcfg, run.ledger.state[f"select/{method}"]["fingerprint"])
         run.ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
     return tcfg, fp_train
-
 
 def _train_and_evaluate(run: _Run, triples) -> None:
     """The base model, then each method's final model, on the same held-out pairs."""
@@ -321,7 +309,6 @@ def _train_and_evaluate(run: _Run, triples) -> None:
         run.ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
                        lambda c=ecfg: str(run_evaluate(c, triples=triples)))
 
-
 def run_pipeline(cfg: RunConfig) -> Path:
     """The whole pipeline; returns the run directory (with report.md)."""
     run = _start(cfg)
@@ -336,11 +323,9 @@ def run_pipeline(cfg: RunConfig) -> Path:
     print(table)
     return run.dir
 
-
 # ------------------------------------------------------------------------------------- report
 
 REPORT_METRICS = ("rewards/accuracies", "rewards/margins", "logps/accuracy", "loss/pairwise", "loss/sft")
-
 
 def summary_rows(run: Path, methods: list[str]) -> list[dict]:
     rows = []
@@ -350,11 +335,8 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
         rows.append({"method": name, "n_train": n_sel, **{k: m.get(k) for k in REPORT_METRICS}})
     return rows
 
-
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger,
                  costs: dict | None = None) -> str:
-    from rose_select import plots
-    from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
 
     methods = cfg.select.methods
     rows = summary_rows(run, methods)

@@ -27,11 +27,30 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from rose_select import plots
+from rose_select.config import to_dict
+from rose_select.data import (
+    find_heldout_file,
+    heldout_pairs,
+    load_pool,
+    load_preferences,
+    shot_file_info,
+    write_pool_jsonl,
+)
+from rose_select.data.heldout import prompt_key
+from rose_select.data.preferences import target_name
+from rose_select.features.stage import run_featurize
+from rose_select.io import write_json
+from rose_select.pipeline import _checkpoints, featurize_jobs, resolve_input, select_config, training_configs
+from rose_select.plots import _corr, _ranks
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
+from rose_select.select.scoring import load_store_features
+from rose_select.select.stage import VARIANTS, run_select
+from rose_select.select.topk import read_selection, select_top
+from rose_select.train.stage import run_warmup
 
 GENERIC = "generic"
 POOL_SOURCE = "pool"
-
 
 @dataclass(frozen=True)
 class PlantedRow:
@@ -43,16 +62,13 @@ class PlantedRow:
     preferred: bool | None  # None for generic rows
     length: int  # characters of the assistant text (the length rule's score)
 
-
 def answer_chars(record: InstructionRecord) -> int:
     """Characters of every assistant turn of a record: the "longer answer wins" score."""
     return sum(len(m.content) for m in record.messages if m.role == "assistant")
 
-
 def take_per_subtask(triples: Sequence[PreferenceTriple], k: int, rng: np.random.Generator) -> list[PreferenceTriple]:
     """A seeded sample of ``k`` triples of each subtask (all of a smaller subtask), one per prompt,
     in file order."""
-    from rose_select.data.heldout import prompt_key
 
     by_subtask: dict[str, list[int]] = {}
     seen = set()
@@ -65,7 +81,6 @@ def take_per_subtask(triples: Sequence[PreferenceTriple], k: int, rng: np.random
     for rows in by_subtask.values():
         keep += sorted(rng.choice(rows, size=min(k, len(rows)), replace=False).tolist())
     return [triples[i] for i in sorted(keep)]
-
 
 def plant_pool(generic: Sequence[InstructionRecord], planted: Mapping[str, Sequence[PreferenceTriple]],
                seed: int) -> tuple[list[InstructionRecord], list[PlantedRow]]:
@@ -93,7 +108,6 @@ def plant_pool(generic: Sequence[InstructionRecord], planted: Mapping[str, Seque
         truth.append(PlantedRow(rid, row.domain, row.pair, row.preferred, row.length))
     return records, truth
 
-
 # ---------------------------------------------------------------------------- metrics
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -106,18 +120,15 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
 
-
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``positive`` rows vs the rest (Mann-Whitney; ties count 1/2)."""
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    from rose_select.plots import _ranks
 
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return math.nan
     ranks = _ranks(scores) + 1
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
 
 def paired_wins(scores: np.ndarray, truth: Sequence[PlantedRow], domain: str) -> np.ndarray:
     """Per planted prompt of ``domain``: 1 if its preferred row scores above its dispreferred row,
@@ -129,7 +140,6 @@ def paired_wins(scores: np.ndarray, truth: Sequence[PlantedRow], domain: str) ->
     pairs = sorted(pref)
     a, b = np.array([pref[p] for p in pairs]), np.array([disp[p] for p in pairs])
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
-
 
 def selection_metrics(scores: np.ndarray, selected: Sequence[int], truth: Sequence[PlantedRow],
                       domain: str) -> dict:
@@ -153,27 +163,21 @@ def selection_metrics(scores: np.ndarray, selected: Sequence[int], truth: Sequen
         "auc": auc(scores, in_domain),
     }
 
-
 def length_scores(truth: Sequence[PlantedRow]) -> np.ndarray:
     """The "longer answer wins" rule as a score: the answer's length in characters."""
     return np.array([r.length for r in truth], dtype=np.float64)
 
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    from rose_select.plots import _corr, _ranks
 
     return _corr(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
-
 
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: 1.96 is close enough
 # for a report; 2.23 at 10, 2.09 at 19)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
-
 def t975(dof: int) -> float:
     return _T975[dof - 1] if dof <= len(_T975) else 1.96 + 2.4 / dof
-
 
 def mean_interval(values: Sequence[float]) -> dict:
     """Mean and 95% t-interval over seeds (``lo``/``hi`` None for a single seed)."""
@@ -186,20 +190,15 @@ def mean_interval(values: Sequence[float]) -> dict:
     half = float(t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(len(v))}
 
-
 # ---------------------------------------------------------------------------- the experiment
 
 QUICK = {"generic_records": 30, "plant": 1}
 LENGTH_RULE = "length"
 
-
 def _set_name(target: str) -> str:
-    from rose_select.data import shot_file_info
-    from rose_select.experiments import target_name
 
     info = shot_file_info(target)
     return info[0] if info else target_name(target)
-
 
 def planted_counts(cfg) -> dict[str, int]:
     """Planted prompts per subtask for each target (``--quick``: one)."""
@@ -207,17 +206,11 @@ def planted_counts(cfg) -> dict[str, int]:
         return {t: QUICK["plant"] for t in cfg.targets}
     return {t: int(cfg.plant_per_subtask.get(_set_name(t), 3)) for t in cfg.targets}
 
-
 def build_pool(cfg, seed: int, out_dir):
     """Write ``pool.jsonl`` and ``truth.json`` of one seed (skipped when both exist); returns
     (pool path, ground truth). Planted prompts: each target's held-out file minus its prompts."""
     import json
     from pathlib import Path
-
-    from rose_select.data import find_heldout_file, heldout_pairs, load_pool, load_preferences, write_pool_jsonl
-    from rose_select.experiments import target_name
-    from rose_select.io import write_json
-    from rose_select.pipeline import resolve_input
 
     out_dir = Path(out_dir)
     pool_file, truth_file = out_dir / "pool.jsonl", out_dir / "truth.json"
@@ -240,22 +233,15 @@ def build_pool(cfg, seed: int, out_dir):
     write_json(truth_file, [r.__dict__ for r in truth])
     return pool_file, truth
 
-
 def _selected_indices(sel_dir, ids: list[str]) -> np.ndarray:
-    from rose_select.select.topk import read_selection
 
     where = {rid: i for i, rid in enumerate(ids)}
     return np.array([where[i] for i in read_selection(sel_dir)], dtype=np.int64)
-
 
 def _select_once(scfg) -> None:
     """``run_select`` unless the directory holds a selection made with exactly this config."""
     import json
     from pathlib import Path
-
-    from rose_select.config import to_dict
-    from rose_select.io import write_json
-    from rose_select.select.stage import run_select
 
     out = Path(scfg.output)
     want = json.loads(json.dumps(to_dict(scfg)))
@@ -265,12 +251,10 @@ def _select_once(scfg) -> None:
     run_select(scfg)
     write_json(stamp, want)
 
-
 def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
     """(row label, method, select options): every method as configured, the ROSE methods also with
     per-subtask standardisation (``+std``) and subtask-balanced selection (``+balanced``), and the
     paper's ``rose`` with centred pool features (``+center``)."""
-    from rose_select.select.stage import VARIANTS
 
     rows = []
     for m in methods:
@@ -281,17 +265,11 @@ def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
             rows += [(f"{m}+std", m, {"standardize": True}), (f"{m}+balanced", m, {"balanced": True})]
     return rows
 
-
 def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
     """One seed: planted pool, warm-up, features, every method's selection and its figures; and
     per target the ``direction_geometry`` of the last checkpoint (None without the stores)."""
     from dataclasses import replace
     from pathlib import Path
-
-    from rose_select.experiments import target_name
-    from rose_select.features.stage import run_featurize
-    from rose_select.pipeline import _checkpoints, featurize_jobs, resolve_input, select_config, training_configs
-    from rose_select.train.stage import run_warmup
 
     out_dir = Path(out_dir) / f"seed-{seed}"
     pool, truth = build_pool(cfg, seed, out_dir)
@@ -321,17 +299,14 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
         geometry[name] = _geometry(out_dir, run, ckpts[-1].name, truth, name)
         k = len(sel)
         lengths = length_scores(truth)
-        from rose_select.select.topk import select_top
 
         rows.append({"seed": seed, "target": name, "method": LENGTH_RULE,
                      **selection_metrics(lengths, select_top(lengths, count=k), truth, name),
                      "length_spearman": 1.0})
     return rows, geometry
 
-
 def _geometry(seed_dir, run, ckpt: str, truth, domain: str) -> dict | None:
     """``direction_geometry`` on one checkpoint's stores, when the pairwise and chosen stores exist."""
-    from rose_select.select.scoring import load_store_features
 
     val = run / "features" / ckpt
     if not (val / "val_pairwise" / "meta.json").exists() or not (val / "val_sft" / "meta.json").exists():
@@ -341,10 +316,8 @@ def _geometry(seed_dir, run, ckpt: str, truth, domain: str) -> dict | None:
     return direction_geometry(feats(seed_dir / "features" / ckpt / "pool"), truth, domain,
                               pairwise=feats(val / "val_pairwise"), chosen=feats(val / "val_sft"), rejected=rejected)
 
-
 AGGREGATED = ("domain_precision", "precision_over_base", "preferred_share", "paired_accuracy", "auc",
               "length_spearman")
-
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (target, method): the mean and 95% interval over seeds of every figure, and the paired
@@ -364,14 +337,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
         out.append(agg)
     return out
 
-
 def _fmt(stat: dict, digits: int = 2) -> str:
     if stat["mean"] is None:
         return "-"
     if stat["lo"] is None:
         return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
-
 
 def markdown_table(agg: list[dict]) -> str:
     """One row per target and method: the benchmark's figures (mean [95% interval] over seeds)."""
@@ -386,10 +357,8 @@ def markdown_table(agg: list[dict]) -> str:
                      f"{_fmt(a['auc'])} | {_fmt(a['length_spearman'])} |")
     return "\n".join(lines)
 
-
 def quality(cfg, out) -> dict:
     """``rose experiment quality``: the planted-pool benchmark for every method and target."""
-    from rose_select import plots
 
     rows, geometry = [], {}
     for seed in range(cfg.seeds):
@@ -408,7 +377,6 @@ def quality(cfg, out) -> dict:
           + geometry_markdown(geometry))
     return {"rows": rows, "aggregate": agg, "geometry": geometry, "markdown": md}
 
-
 def geometry_markdown(geometry: dict) -> str:
     """The geometry figures per target (mean over seeds), as a markdown table."""
     per_target: dict[str, list[dict]] = {}
@@ -426,13 +394,11 @@ def geometry_markdown(geometry: dict) -> str:
     return ("\n\nGeometry of the last checkpoint's features (mean over seeds; see quality.direction_geometry):"
             "\n\n" + "\n".join(lines))
 
-
 # ---------------------------------------------------------------------------- why: the geometry
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
-
 
 def direction_geometry(pool: np.ndarray, truth: Sequence[PlantedRow], domain: str, *, pairwise: np.ndarray,
                        chosen: np.ndarray, rejected: np.ndarray | None = None) -> dict:

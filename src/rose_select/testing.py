@@ -7,6 +7,7 @@ tests exercise the same loading code as real models.
 from __future__ import annotations
 
 from pathlib import Path
+from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters, save_adam_moments
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -16,7 +17,6 @@ _CORPUS = [
     "def add(a, b):\n    return a + b  # numbers 0123456789",
     "I think the answer is yes, because the evidence points that way. No, it is not.",
 ]
-
 
 def build_tiny_tokenizer(chat_template: bool = False):
     """A byte-level BPE tokenizer trained in memory (no hub access). Every string encodes."""
@@ -36,7 +36,6 @@ def build_tiny_tokenizer(chat_template: bool = False):
             "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
     return fast
 
-
 def build_tiny_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2,
                      dtype=None):
     import torch
@@ -52,7 +51,6 @@ def build_tiny_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, l
         model = model.to(dtype)
     return model
 
-
 def write_tiny_model_dir(path: str | Path, *, seed: int = 0, chat_template: bool = False, **kw) -> Path:
     """Save a tiny random Llama + tokenizer to ``path`` (a normal HF model directory)."""
     path = Path(path)
@@ -61,7 +59,6 @@ def write_tiny_model_dir(path: str | Path, *, seed: int = 0, chat_template: bool
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
 
 def poison_embeddings(path: str | Path, text: str) -> list[int]:
     """Set the input embeddings of ``text``'s tokens to NaN in a saved model directory, so that
@@ -76,13 +73,10 @@ def poison_embeddings(path: str | Path, text: str) -> list[int]:
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     return ids
 
-
 def write_lora_checkpoint(model: str | Path, out: str | Path, lora=None, *, seed: int = 0) -> Path:
     """A warm-up-like checkpoint without training (tests, benches): the base model with random
     LoRA weights (A and B non-zero, so every gradient block is) and random Adam moments."""
     import torch
-
-    from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters, save_adam_moments
 
     out = Path(out)
     torch.manual_seed(seed)

@@ -399,3 +399,9 @@ def load_test_prompts(path) -> list[dict]:
     return out
 
 
+def target_name(path: str) -> str:
+    """``.../shp_5_shot_preference.json`` -> ``shp_5_shot``."""
+    name = Path(path).name
+    for suffix in ("_preference.json", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name

@@ -36,13 +36,13 @@ import torch
 from torch import Tensor
 
 from rose_select.errors import ConfigError, NonFiniteError
-from rose_select.losses import IGNORE_INDEX, dpo_loss, sft_loss_from_packed, sum_per_row
-from rose_select.train.hf_import import checkpoint_moments
+from rose_select.features.projection import project_full
+from rose_select.losses import IGNORE_INDEX, dpo_loss, packed_logprobs, sft_loss_from_packed, sum_per_row
 from rose_select.modeling import lora_parameters
+from rose_select.train.hf_import import checkpoint_moments
 
 LossFn = Callable[[object, dict], Tensor]
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
-
 
 # --------------------------------------------------------------------------- Adam preconditioning
 
@@ -74,7 +74,6 @@ class AdamState:
         denom = torch.addcmul(v_term, g, g, value=1 - self.beta2).sqrt_()
         return torch.add(m_term, g, alpha=1 - self.beta1).div_(denom)
 
-
 def adam_transform(g: Tensor, m: Tensor, v: Tensor, beta1: float = 0.9, beta2: float = 0.999,
                    eps: float = 1e-8) -> Tensor:
     """LESS's Adam feature: ``m' / sqrt(v' + eps)`` with ``m' = b1 m + (1-b1) g`` and
@@ -85,13 +84,11 @@ def adam_transform(g: Tensor, m: Tensor, v: Tensor, beta1: float = 0.9, beta2: f
     v_new = beta2 * v.to(g.dtype) + (1 - beta2) * g * g
     return m_new / torch.sqrt(v_new + eps)
 
-
 def load_adam_state(ckpt_dir, model, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                     device="cpu") -> AdamState:
     """The checkpoint's Adam moments (``optimizer_state.safetensors``, or a Hugging Face Trainer's
     ``optimizer.pt``/``optimizer.bin``) for ``model``'s LoRA parameters."""
     return AdamState(checkpoint_moments(ckpt_dir, model), beta1, beta2, eps).to(device)
-
 
 # --------------------------------------------------------------------------- LoRA modules
 
@@ -101,7 +98,6 @@ class LoraPair:
     b_name: str
     lora_A: torch.nn.Module
     lora_B: torch.nn.Module
-
 
 def lora_pairs(model) -> "OrderedDict[str, LoraPair]":
     """Every trainable LoRA (A, B) pair by lora_B canonical name; refuses other trainable params."""
@@ -129,20 +125,16 @@ def lora_pairs(model) -> "OrderedDict[str, LoraPair]":
             raise ConfigError(f"LoRA module {p.b_name!r} has a bias; only bias-free LoRA is supported")
     return pairs
 
-
 def param_numels(model) -> "OrderedDict[str, int]":
     return OrderedDict((n, p.numel()) for n, p in lora_parameters(model).items())
-
 
 # --------------------------------------------------------------------------- the engine
 
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
-
 def forward_logits(model, batch: dict) -> Tensor:
     return model(**model_inputs(batch), use_cache=False).logits
-
 
 def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
     """Log-probabilities of the response tokens only, packed: ``(logp [n], row [n])``.
@@ -152,7 +144,6 @@ def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
     the head and softmax are a large share of a small model's cost, and prompt positions need
     neither. Equal to ``losses.token_logprobs`` at the response positions (tested).
     """
-    from rose_select.losses import packed_logprobs
 
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -174,12 +165,10 @@ def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
     targets = labels[:, 1:][keep[:, :-1]]
     return packed_logprobs(logits, targets), keep.nonzero()[:, 0]
 
-
 def _autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
 
 class _Emitter:
     """Receives per-row gradient blocks, Adam-transforms them, and adds them to ``out``."""
@@ -198,14 +187,12 @@ class _Emitter:
         else:
             self.projector.accumulate(self.out, name, g)
 
-
 def _exact_offsets(numels: dict) -> tuple[dict, int]:
     offsets, start = {}, 0
     for n, k in numels.items():
         offsets[n] = (start, start + k)
         start += k
     return offsets, start
-
 
 class _GradientHooks:
     """The hooks of one forward/backward: forward hooks keep each LoRA layer's inputs (``x`` of
@@ -270,7 +257,6 @@ class _GradientHooks:
             self.emb.append(output)
             return output
 
-
 def _item_map(rows: int, device, row_to_item, n_items, adam) -> tuple[Tensor, int]:
     """Which item each batch row belongs to, and how many items (Adam needs one row per item)."""
     row_to_item = (torch.arange(rows, device=device) if row_to_item is None
@@ -281,14 +267,12 @@ def _item_map(rows: int, device, row_to_item, n_items, adam) -> tuple[Tensor, in
                           "(use it with the SFT loss only)")
     return row_to_item, n_items
 
-
 def _check_losses(losses: Tensor, n_items: int, ids: Sequence[str]) -> None:
     if losses.shape != (n_items,):
         raise ValueError(f"loss_fn returned shape {list(losses.shape)}, expected [{n_items}]")
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     if bad:
         raise NonFiniteError(f"non-finite loss for {len(bad)} item(s): {[ids[i] for i in bad][:20]}")
-
 
 def per_example_features(model, batch: dict, loss_fn: LossFn, projector=None, *,
                          row_to_item: Tensor | Sequence[int] | None = None, n_items: int | None = None,
@@ -329,12 +313,10 @@ def per_example_features(model, batch: dict, loss_fn: LossFn, projector=None, *,
     _check_finite(out, ids)
     return out
 
-
 def _check_finite(out: Tensor, ids: Sequence[str]) -> None:
     bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         raise NonFiniteError(f"non-finite gradient for {len(bad)} item(s): {[ids[i] for i in bad][:20]}")
-
 
 # --------------------------------------------------------------------------- losses as row functions
 
@@ -343,11 +325,9 @@ def sft_loss_fn(model, batch: dict) -> Tensor:
     logp, rows = response_logprobs(model, batch)
     return sft_loss_from_packed(logp, rows, batch["labels"].shape[0])
 
-
 def _sequence_logprob(model, batch: dict) -> Tensor:
     logp, rows = response_logprobs(model, batch)
     return sum_per_row(logp, rows, batch["labels"].shape[0])
-
 
 def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
     """DPO loss per triple for a batch of ``2n`` rows: rows ``[:n]`` chosen, ``[n:]`` rejected.
@@ -373,10 +353,8 @@ def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
 
     return fn
 
-
 def pair_row_to_item(n: int, device="cpu") -> Tensor:
     return torch.arange(n, device=device).repeat(2)
-
 
 # --------------------------------------------------------------------------- the LESS-style reference
 
@@ -384,7 +362,6 @@ def loop_features(model, batches: Sequence[dict], loss_fn: LossFn, projector=Non
                   adam: AdamState | None = None, out_dtype=torch.float32) -> Tensor:
     """Reference path (LESS): one item per batch, ``loss.backward()``, the full flattened gradient
     of ``lora_parameters`` (in order), Adam transform, then ``project_full``. ``[len(batches), dim]``."""
-    from rose_select.features.projection import project_full
 
     params = lora_parameters(model)
     numels = OrderedDict((n, p.numel()) for n, p in params.items())

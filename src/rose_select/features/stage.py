@@ -37,21 +37,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rose_select.config import require
+from rose_select import data
+from rose_select.config import from_args, require
 from rose_select.errors import ConfigError, DataError, NonFiniteError
-from rose_select.features.joint import REFS, load_reference, pair_scale
+from rose_select.features import distributed as D, gradients as G, sink
+from rose_select.features.joint import REFS, joint_features, load_reference, pair_scale
+from rose_select.features.projection import make_projector
 from rose_select.features.sink import outputs
-from rose_select.modeling import LoraSettings, ModelSettings, model_identity
+from rose_select.io import sha256_file, sha256_json
+from rose_select.modeling import (
+    LoraSettings,
+    ModelSettings,
+    attach_lora,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    model_identity,
+)
+from rose_select.records import Message
 from rose_select.runtime import progress_disabled, resolve_device
-from rose_select.tokenization import TokenizeConfig
+from rose_select.tokenization import TokenizeConfig, collate, encode_messages, encode_record, encode_triple
 
 log = logging.getLogger(__name__)
 LOSSES = ("sft", "pairwise", "sft_chosen", "sft_rejected")
 FEATURIZE_VERSION = 3  # 2: one global batch plan; a fresh adapter is seeded; 3: model by content
 
-
 STORE_DTYPES = ("float16", "float32")
-
 
 @dataclass
 class FeatureSettings:
@@ -86,7 +97,6 @@ class FeatureSettings:
         ]
         require(checks)
         getattr(super(), "__post_init__", lambda: None)()
-
 
 @dataclass
 class FeaturizeConfig(ModelSettings, FeatureSettings):
@@ -135,7 +145,6 @@ class FeaturizeConfig(ModelSettings, FeatureSettings):
         if self.chosen_output and Path(self.chosen_output).resolve() == Path(self.output).resolve():
             raise ConfigError(f"chosen_output and output are the same directory ({self.output})")
 
-
 # --------------------------------------------------------------------------- helpers
 
 def autocast_dtype(cfg: FeaturizeConfig, device):
@@ -147,13 +156,11 @@ def autocast_dtype(cfg: FeaturizeConfig, device):
         return torch.bfloat16 if cfg.model_dtype == "float32" else None
     return getattr(torch, cfg.autocast)
 
-
 def _in_file(err: DataError, path: str) -> DataError:
     """The same problem, with the data file named (tokenisation knows only the record)."""
     if err.path is not None:
         return err
     return DataError(err.problem, path=path, line=err.line, record=err.record, field=err.field)
-
 
 def _encode_all(items, encode, path: str) -> list:
     try:
@@ -161,12 +168,8 @@ def _encode_all(items, encode, path: str) -> list:
     except DataError as e:
         raise _in_file(e, path) from None
 
-
 def _load_items(cfg: FeaturizeConfig, tokenizer):
     """(ids, groups, encodings) where an encoding is a list of rows (1 row, or chosen+rejected)."""
-    from rose_select import data
-    from rose_select.records import Message
-    from rose_select.tokenization import encode_messages, encode_record, encode_triple
 
     tcfg = cfg.tokenize
     if cfg.data_kind == "pool":
@@ -188,7 +191,6 @@ def _load_items(cfg: FeaturizeConfig, tokenizer):
                                     record=f"{t.id} ({side})", pair=True)]
     return ids, groups, _encode_all(triples, encode, cfg.data)
 
-
 def plan_batches(encs, batch_size: int) -> list[list[int]]:
     """Batches over every row, whatever the number of processes: rows sorted by (longest
     sequence, index), then chunked. A row's features depend on its batch (padding width), so one
@@ -196,11 +198,9 @@ def plan_batches(encs, batch_size: int) -> list[list[int]]:
     order = sorted(range(len(encs)), key=lambda i: (max(len(e["input_ids"]) for e in encs[i]), i))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
-
 def plan_rounds(batches: list[list[int]], world: int) -> list[list[list[int]]]:
     """Whole batches dealt round-robin: round ``k`` gives batch ``k * world + r`` to rank ``r``."""
     return [batches[k:k + world] for k in range(0, len(batches), world)]
-
 
 def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: str | None,
                          data_sha: str) -> dict:
@@ -228,20 +228,15 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "autocast": cfg.autocast,
     }
 
-
 def _settings_token(settings: dict) -> int:
     """63-bit hash of the settings, local paths left out (nodes may mount data elsewhere)."""
-    from rose_select.io import sha256_json
 
     return int(sha256_json({k: v for k, v in settings.items() if k not in ("data", "checkpoint")})[:15], 16)
 
-
 def _file_sha(path: str) -> str:
-    from rose_select.io import sha256_file
 
     p = Path(path)
     return sha256_file(p) if p.is_file() else f"not-a-file:{path}"
-
 
 # --------------------------------------------------------------------------- preparing a job
 
@@ -264,13 +259,10 @@ class _Job:
     store_dtype: str
     ref: object = None  # the joint pass's reference ("auto", "base", "self" or a model)
 
-
 def _load_lora_model(cfg: FeaturizeConfig, device):
     """The base model with the checkpoint's adapter (or a fresh one, seeded by ``cfg.seed``);
     only LoRA parameters take gradients. Returns (model, adapter sha256 or None)."""
     import torch
-
-    from rose_select.modeling import attach_lora, load_adapter, load_model
 
     model = load_model(cfg.model, dtype=cfg.model_dtype, device=str(device))
     adapter_sha = None
@@ -286,11 +278,7 @@ def _load_lora_model(cfg: FeaturizeConfig, device):
         p.requires_grad_(".lora_A." in n or ".lora_B." in n)
     return model, adapter_sha
 
-
 def _prepare(cfg: FeaturizeConfig, device) -> _Job:
-    from rose_select.features import gradients as G
-    from rose_select.modeling import load_tokenizer
-    from rose_select.features.projection import make_projector
 
     tokenizer = load_tokenizer(cfg.model)
     ids, groups, encs = _load_items(cfg, tokenizer)
@@ -309,14 +297,10 @@ def _prepare(cfg: FeaturizeConfig, device) -> _Job:
     return _Job(ids, groups, encs, model, projector, settings, adam, loss_fn, autocast_dtype(cfg, device),
                 tokenizer.pad_token_id, device, outputs(cfg.output, cfg.chosen_output, settings), cfg.store_dtype, ref)
 
-
 # --------------------------------------------------------------------------- batches
 
 def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
     """``[len(rows), k * dim]`` float32 features of one batch (k outputs), on the job's device."""
-    from rose_select.features import gradients as G
-    from rose_select.features.joint import joint_features
-    from rose_select.tokenization import collate
 
     seqs = [job.encs[i][0] for i in rows]
     row_to_item = None
@@ -336,12 +320,9 @@ def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
                              f"({cfg.model}) and checkpoint ({cfg.checkpoint}) for NaN/inf weights") from None
     return feats.float()
 
-
 def _round(cfg: FeaturizeConfig, job: _Job, d, stores, round_, done) -> tuple[list, int]:
     """One round: every rank computes its batch (if it has one), rank 0 writes them all; a
     failure anywhere stops every rank. Returns (stores, rows written)."""
-    from rose_select.features import distributed as D
-    from rose_select.features import sink
 
     mine = round_[d.rank] if d.rank < len(round_) else None
     feats, err = D.attempt(lambda: _batch_features(cfg, job, mine)) if mine else (None, None)
@@ -353,7 +334,6 @@ def _round(cfg: FeaturizeConfig, job: _Job, d, stores, round_, done) -> tuple[li
     outcome, err = D.attempt(lambda: sink.write_round(job, stores, round_, got, done))
     D.agree(d, err)
     return outcome
-
 
 def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, stores, rounds, done, stop_after: int | None):
     """All rounds, with a progress bar on rank 0. Returns (stores, finished)."""
@@ -372,7 +352,6 @@ def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, stores, rounds, done, stop_a
         bar.close()
     return stores, True
 
-
 # --------------------------------------------------------------------------- the stage
 
 def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None,
@@ -386,8 +365,6 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
     ``stop_after_batches`` stops after that many rounds without finalizing (tests, smoke runs).
     ``stats``, if given, receives ``batches`` and ``seconds`` of this process's batch loop
     (benchmarks)."""
-    from rose_select.features import distributed as D
-    from rose_select.features import sink
 
     _, world, local_rank = D.env_ranks()
     device = resolve_device(cfg.device, local_rank if world > 1 else None)
@@ -415,7 +392,6 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
         D.stop(d)
     return Path(cfg.output)
 
-
 # --------------------------------------------------------------------------- CLI hooks
 
 def add_cli_arguments(command: str, parser) -> None:
@@ -423,13 +399,10 @@ def add_cli_arguments(command: str, parser) -> None:
                         help="processes on this machine: >1 starts torchrun with that many (default 1; "
                              "for several machines run torchrun yourself, see the README)")
 
-
 def handle_cli(command: str, args) -> int | None:
     if args.nproc == 1:
         return None
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    from rose_select.features import distributed as D
-    from rose_select.config import from_args
 
     return D.launch("featurize", from_args(FeaturizeConfig, args, args.config), args.nproc)

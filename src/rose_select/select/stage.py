@@ -13,21 +13,29 @@ from pathlib import Path
 
 import numpy as np
 
+from rose_select import plots
+from rose_select.config import to_dict
 from rose_select.data import load_pool, load_preferences
-from rose_select.errors import ConfigError, DataError
-from rose_select.io import write_dir_atomically, write_json
+from rose_select.errors import ConfigError, DataError, StoreMismatchError
+from rose_select.io import read_json, sha256_file, write_dir_atomically, write_json
 from rose_select.modeling import ModelSettings
 from rose_select.select.methods import METHODS, SCORERS, VARIANTS, warmup_lrs
 from rose_select.select.scoring import DIRECTIONS, ScoreResult
-from rose_select.select.topk import count_for_fraction, select_balanced, select_top, write_selection
+from rose_select.select.topk import (
+    count_for_fraction,
+    overlap_table,
+    read_selection,
+    reference_subtask_shares,
+    select_balanced,
+    select_top,
+    shares_table,
+    write_selection,
+)
 from rose_select.tokenization import TokenizeConfig
-
-
 
 # Options of the per-subtask gradient scores, with their defaults (the paper's method), and the
 # methods each applies to: a preset fixes its own direction and centring.
 ROSE_OPTIONS = {"direction": "pairwise", "chosen_weight": 0.0, "center": False, "standardize": False, "balanced": False}
-
 
 def applicable_options(method: str) -> tuple[str, ...]:
     """The ``ROSE_OPTIONS`` that ``method`` uses (a run's select section applies them only there)."""
@@ -39,14 +47,12 @@ def applicable_options(method: str) -> tuple[str, ...]:
         return ("standardize", "balanced")
     return ()
 
-
 def method_settings(settings: "SelectSettings", method: str) -> dict:
     """A run's select section for one method: every setting, with the options ``method`` does not
     use reset to their defaults (so one section serves every method of a run)."""
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SelectSettings)}
     unused = {k: v for k, v in ROSE_OPTIONS.items() if k not in applicable_options(method)}
     return {**values, **unused}
-
 
 @dataclass
 class SelectSettings:
@@ -73,7 +79,6 @@ class SelectSettings:
         if self.rds_pooling not in ("mean", "last"):
             raise ConfigError(f"rds_pooling must be mean|last, got {self.rds_pooling!r}")
         getattr(super(), "__post_init__", lambda: None)()
-
 
 @dataclass
 class SelectConfig(ModelSettings, SelectSettings):
@@ -119,11 +124,8 @@ class SelectConfig(ModelSettings, SelectSettings):
         if self.balanced and self.quotas:
             raise ConfigError("balanced selection and per-source quotas cannot be combined")
 
-
 def _fingerprint(cfg: SelectConfig) -> dict:
     """Everything the selection depends on: the settings and the inputs' contents."""
-    from rose_select.config import to_dict
-    from rose_select.io import sha256_file
 
     stores = [sha256_file(Path(p) / "meta.json") if (Path(p) / "meta.json").exists() else None
               for p in [*cfg.pool_features, *cfg.val_features]]
@@ -133,11 +135,8 @@ def _fingerprint(cfg: SelectConfig) -> dict:
               "warmup_lrs": warmup_lrs(cfg.warmup_dir) if cfg.warmup_dir and not cfg.checkpoint_weights else None}
     return {"config": {k: v for k, v in to_dict(cfg).items() if k != "output"}, "inputs": inputs}
 
-
 def _existing(out: Path, fp: dict) -> bool:
     """True if ``out`` already holds this very selection; refuse one made with other settings."""
-    from rose_select.errors import StoreMismatchError
-    from rose_select.io import read_json
 
     if not out.exists():
         return False
@@ -155,7 +154,6 @@ def _existing(out: Path, fp: dict) -> bool:
         raise StoreMismatchError(f"{out} exists but holds no selection config.json (not a selection, or "
                                  f"made by an older rose-select); use another output directory or delete {out}")
     return False
-
 
 def run_select(cfg: SelectConfig) -> Path:
     """Score the pool with ``cfg.method`` and write the selection directory: complete or absent
@@ -191,7 +189,6 @@ def run_select(cfg: SelectConfig) -> Path:
     write_dir_atomically(out, fill)
     return out
 
-
 # ------------------------------------------------------------------------------------- CLI hooks
 
 def add_cli_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -201,12 +198,9 @@ def add_cli_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot-dir", default=None,
                         help="with --compare: also write overlap.png and subtask_share.png here")
 
-
 def handle_cli(command: str, args) -> int | None:
     if not args.compare:
         return None
-    from rose_select import plots
-    from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
 
     dirs = {Path(p).name if Path(p).is_dir() else p: p for p in args.compare}
     sels = {name: read_selection(p) for name, p in dirs.items()}

@@ -20,14 +20,19 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-from rose_select.train import rundir
-from rose_select.train.checkpoints import HF_STATE, step_log, write_checkpoint
 from rose_select.errors import CheckpointError
 from rose_select.io import read_json, write_json
-from rose_select.modeling import canonical_name, load_optimizer_state, lora_parameters, save_adam_moments
+from rose_select.modeling import (
+    canonical_name,
+    load_optimizer_state,
+    lora_parameters,
+    resolve_model,
+    save_adam_moments,
+)
+from rose_select.train import rundir
+from rose_select.train.checkpoints import HF_STATE, step_log, write_checkpoint
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
-
 
 def optimizer_file(ckpt_dir) -> Path | None:
     """The Trainer's pickled optimizer state in ``ckpt_dir``, if there is one."""
@@ -36,7 +41,6 @@ def optimizer_file(ckpt_dir) -> Path | None:
             return Path(ckpt_dir) / name
     return None
 
-
 def trainer_param_order(model) -> list[str]:
     """Canonical names of the trainable parameters in the order of the Trainer's param groups."""
     from transformers import Trainer
@@ -44,7 +48,6 @@ def trainer_param_order(model) -> list[str]:
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [n for n, p in model.named_parameters() if p.requires_grad]
     return [canonical_name(n) for n in named if n in decay] + [canonical_name(n) for n in named if n not in decay]
-
 
 def _load_state_dict(path: Path) -> dict:
     import torch
@@ -58,7 +61,6 @@ def _load_state_dict(path: Path) -> dict:
         raise CheckpointError(f"{path}: not an optimizer state_dict (expected a dict with 'state' and 'param_groups')")
     return sd
 
-
 def _names_by_key(sd: dict, path: Path, model) -> dict:
     """Optimizer-state key -> canonical parameter name."""
     state, groups = sd["state"], sd.get("param_groups") or []
@@ -71,7 +73,6 @@ def _names_by_key(sd: dict, path: Path, model) -> dict:
                               f"trainable ones (e.g. {order[:2]}); was it saved for other LoRA target modules, "
                               "or with other trainable parameters (modules_to_save)?")
     return dict(zip(keys, order))
-
 
 def read_trainer_moments(ckpt_dir, model) -> tuple[dict, dict]:
     """``({name: (exp_avg, exp_avg_sq)}, {step, beta1, beta2, eps})`` from a Trainer checkpoint's
@@ -101,14 +102,12 @@ def read_trainer_moments(ckpt_dir, model) -> tuple[dict, dict]:
     betas = group.get("betas", (0.9, 0.999))
     return moments, {"step": max(steps), "beta1": betas[0], "beta2": betas[1], "eps": group.get("eps", 1e-8)}
 
-
 def checkpoint_moments(ckpt_dir, model) -> dict:
     """Adam moments of ``model``'s LoRA parameters from a checkpoint in either format: the
     project's ``optimizer_state.safetensors``, else a Trainer's ``optimizer.pt``/``.bin``."""
     if not (Path(ckpt_dir) / "optimizer_state.safetensors").exists() and optimizer_file(ckpt_dir) is not None:
         return read_trainer_moments(ckpt_dir, model)[0]
     return load_optimizer_state(ckpt_dir, list(lora_parameters(model)))[0]
-
 
 # --------------------------------------------------------------------------- Trainer state
 
@@ -122,7 +121,6 @@ def _state(path: Path) -> SimpleNamespace:
                                max_steps=int(raw["max_steps"]), num_train_epochs=int(raw["num_train_epochs"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a Trainer state (field {e})") from None
-
 
 # --------------------------------------------------------------------------- import a run
 
@@ -139,7 +137,6 @@ def trainer_checkpoints(source) -> list[Path]:
                               f"directories; found {sorted(p.name for p in source.iterdir())[:10]}")
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
-
 def _skeleton(model_name: str, ckpt: Path):
     """The base model with the checkpoint's LoRA layout on the meta device: parameter names,
     shapes and order without loading any weights."""
@@ -147,15 +144,12 @@ def _skeleton(model_name: str, ckpt: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rose_select.modeling import resolve_model
-
     config = AutoConfig.from_pretrained(resolve_model(model_name))
     lora = LoraConfig.from_pretrained(str(ckpt))
     lora.inference_mode = False  # saved adapters say True, which would freeze the LoRA parameters
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(AutoModelForCausalLM.from_config(config), lora)
-
 
 def _import_one(ckpt: Path, target: Path, model, epoch: int) -> None:
     """One Trainer checkpoint as ``ckpt-<epoch>/``: its adapter, its moments by name, the epoch's
@@ -176,7 +170,6 @@ def _import_one(ckpt: Path, target: Path, model, epoch: int) -> None:
         (tmp / HF_STATE).write_bytes((ckpt / "trainer_state.json").read_bytes())
 
     write_checkpoint(target, fill, epoch=epoch, step=state.global_step, steps=steps, imported_from=str(ckpt))
-
 
 def import_trainer_run(source, output, *, model: str) -> Path:
     """Convert a LESS / Hugging Face Trainer run into warm-up checkpoints ``output/ckpt-<epoch>/``

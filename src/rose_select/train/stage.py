@@ -37,20 +37,44 @@ from typing import Sequence
 
 import numpy as np
 
-from rose_select.train import rundir
-from rose_select.train.checkpoints import HF_STATE, STATE, completed_epochs, load_moments_into, step_log, write_checkpoint
-from rose_select.config import require
+from rose_select import data
+from rose_select.config import from_args, require
 from rose_select.errors import ConfigError, DataError
-from rose_select.io import read_json, write_dir_atomically, write_json
-from rose_select.modeling import LoraSettings, ModelSettings
-from rose_select.runtime import progress_disabled, resolve_device
+from rose_select.features import distributed as D
+from rose_select.io import read_json, sha256_file, sha256_json, write_dir_atomically, write_json
+from rose_select.modeling import (
+    LoraSettings,
+    ModelSettings,
+    attach_lora,
+    load_model,
+    load_tokenizer,
+    save_optimizer_state,
+)
 from rose_select.records import InstructionRecord
-from rose_select.tokenization import TokenizeConfig
+from rose_select.runtime import progress_disabled, resolve_device
+from rose_select.tokenization import TokenizeConfig, encode_record
+from rose_select.train import rundir
+from rose_select.train.checkpoints import (
+    HF_STATE,
+    STATE,
+    completed_epochs,
+    load_moments_into,
+    step_log,
+    write_checkpoint,
+)
+from rose_select.train.engine import (
+    Collator,
+    EpochCallback,
+    Examples,
+    LoraSFTTrainer,
+    ProgressBar,
+    quiet_callbacks,
+)
+from rose_select.train.hf_import import import_trainer_run
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 ENGINE = "hf-trainer-1"  # in the fingerprint: runs of the former hand-written loop are not resumed
-
 
 @dataclass
 class Schedule:
@@ -76,7 +100,6 @@ class Schedule:
         ]
         require(checks)
         getattr(super(), "__post_init__", lambda: None)()
-
 
 @dataclass
 class TrainConfig(ModelSettings, Schedule):
@@ -115,7 +138,6 @@ class TrainConfig(ModelSettings, Schedule):
         if len(chosen) > 1:
             raise ConfigError(f"give one of selection / fraction / full, got {chosen}")
 
-
 @dataclass
 class WarmupConfig(TrainConfig):
     """The warm-up run: a random 5% of the pool, a checkpoint with Adam moments per epoch."""
@@ -129,7 +151,6 @@ class WarmupConfig(TrainConfig):
             self.fraction = 0.05  # the default applies only when no other subset is chosen
         super().__post_init__()
 
-
 # ---------------------------------------------------------------------------- small pure helpers
 
 def choose_subset(n: int, fraction: float, seed: int) -> list[int]:
@@ -137,13 +158,10 @@ def choose_subset(n: int, fraction: float, seed: int) -> list[int]:
     k = max(1, round(fraction * n))
     return sorted(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False).tolist())
 
-
 # ---------------------------------------------------------------------------- data
 
 def _records_for(cfg: TrainConfig, default_fraction: float | None) -> tuple[list[InstructionRecord], dict]:
     """The records to train on and a description of where they came from (for the fingerprint)."""
-    from rose_select import data
-    from rose_select.io import sha256_file
 
     if cfg.selection:
         if not Path(cfg.selection).exists():
@@ -161,9 +179,7 @@ def _records_for(cfg: TrainConfig, default_fraction: float | None) -> tuple[list
         return pool, source
     return [pool[i] for i in choose_subset(len(pool), fraction, cfg.seed)], source
 
-
 def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfig) -> tuple[list[dict], list[str], list[str]]:
-    from rose_select.tokenization import encode_record
 
     encoded, ids, skipped = [], [], []
     for rec in records:
@@ -179,13 +195,11 @@ def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfi
         raise DataError("no trainable example (every example lost its response to truncation)")
     return encoded, ids, skipped
 
-
 # ---------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(ckpt_dir: Path, model, optimizer, state, *, extra: dict | None = None) -> None:
     """``ckpt-<epoch>/`` of the epoch a Trainer ``state`` just finished: adapter, Adam moments by
     name, the epoch's steps (``trainer_state.json``) and the Trainer's own state, renamed whole."""
-    from rose_select.modeling import save_optimizer_state
 
     per_epoch = max(1, state.max_steps // max(1, int(state.num_train_epochs)))
     epoch, steps = state.global_step // per_epoch, step_log(state)
@@ -200,7 +214,6 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, state, *, extra: dict | No
                      steps_per_epoch=per_epoch, total_steps=state.max_steps,
                      epoch_mean_loss=float(np.mean([s["loss"] for s in mine])) if mine else 0.0, **(extra or {}))
 
-
 def _resume_view(ckpt: Path, tmp: Path) -> Path:
     """A directory to hand the Trainer as ``resume_from_checkpoint``: links to the checkpoint's
     files, with the Trainer's state under the name the Trainer reads (``trainer_state.json``
@@ -210,7 +223,6 @@ def _resume_view(ckpt: Path, tmp: Path) -> Path:
             os.symlink(f.resolve(), tmp / f.name)
     (tmp / STATE).write_bytes((ckpt / HF_STATE).read_bytes())
     return tmp
-
 
 # ---------------------------------------------------------------------------- the Trainer
 
@@ -240,15 +252,11 @@ def training_arguments(cfg: TrainConfig, run_dir: Path):
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=False)
 
-
 def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: Path, *, checkpoints: bool,
          resume: Path | None):
     """Train a fresh LoRA adapter on ``records`` (resuming from ``resume``); with ``checkpoints``
     every epoch ends in a complete ``run_dir/ckpt-<epoch>/``. Returns (trainer, skipped ids)."""
     import torch
-
-    from rose_select.train.engine import Collator, EpochCallback, Examples, LoraSFTTrainer, ProgressBar, quiet_callbacks
-    from rose_select.modeling import attach_lora, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     encoded, ids, skipped = _encode_all(records, tokenizer, cfg)
@@ -271,7 +279,6 @@ def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: 
     trainer.model.eval()
     return trainer, skipped
 
-
 def _prepare_run(cfg: TrainConfig, chosen: Sequence[InstructionRecord], source: dict, extra: dict | None = None):
     """(run dir, TrainingArguments, whether this call created the dir): the config is checked or
     written by the main process first (under torchrun every process gets here)."""
@@ -286,7 +293,6 @@ def _prepare_run(cfg: TrainConfig, chosen: Sequence[InstructionRecord], source: 
                 write_json(run_dir / name, content)
     return run_dir, args, created
 
-
 def _fit_or_undo(cfg, args, chosen, run_dir: Path, created: bool, *, checkpoints: bool):
     """``_fit``, resuming after the last complete checkpoint; a first run that fails before its
     first result leaves no directory behind."""
@@ -299,14 +305,12 @@ def _fit_or_undo(cfg, args, chosen, run_dir: Path, created: bool, *, checkpoints
             rundir.undo_if_empty(run_dir, created)
         raise
 
-
 # ---------------------------------------------------------------------------- stages
 
 def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = None) -> Path:
     """Warm-up LoRA training on a seeded random fraction of the pool (default 5%), one checkpoint
     with Adam moments per epoch. ``records``: an already-loaded pool instead of reading ``cfg.data``.
     Returns the run directory (idempotent: a finished run is returned as is)."""
-    from rose_select.io import sha256_json
 
     if records is None:
         chosen, source = _records_for(cfg, default_fraction=0.05)
@@ -323,11 +327,9 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
         rundir.logs_from_checkpoints(run_dir, cfg.epochs)
     return run_dir
 
-
 def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = None) -> Path:
     """Final LoRA training on a selection file, a random fraction, or the full pool; writes
     ``adapter/`` (peft format) and ``train_log.json``. ``records``: train on these instead."""
-    from rose_select.io import sha256_json
 
     if records is None:
         chosen, source = _records_for(cfg, default_fraction=None)
@@ -349,7 +351,6 @@ def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = No
         rundir.write_logs(run_dir, log["steps"], cfg.epochs, log["skipped_too_long"])
     return run_dir
 
-
 # ---------------------------------------------------------------------------- CLI hooks
 
 def add_cli_arguments(command: str, parser) -> None:
@@ -361,13 +362,10 @@ def add_cli_arguments(command: str, parser) -> None:
                             help="convert a LESS / Hugging Face Trainer run (checkpoint-*/ with a peft adapter, "
                                  "optimizer.pt or optimizer.bin, trainer_state.json) into this format at --output")
 
-
 def handle_cli(command: str, args) -> int | None:
-    from rose_select.config import from_args
 
     cls = WarmupConfig if command == "warmup" else TrainConfig
     if getattr(args, "import_dir", None):
-        from rose_select.train.hf_import import import_trainer_run
 
         cfg = from_args(cls, args, args.config)
         print(import_trainer_run(args.import_dir, cfg.output, model=cfg.model))
@@ -376,6 +374,5 @@ def handle_cli(command: str, args) -> int | None:
         return None
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    from rose_select.features import distributed as D
 
     return D.launch(command, from_args(cls, args, args.config), args.nproc)
