@@ -33,10 +33,14 @@ STAGES = {"warmup": dict(fraction=0.05, lr=1e-4), "train": dict(fraction=0.1, lr
 
 def child(stage: str, out: str) -> None:
     """Run one stage in this process and print its wall time as JSON."""
-    from rose_select.train import stage as training
+    from rose_select.data.builtin import resolve_input
     from rose_select.modeling import LoraSettings
-    from rose_select.pipeline import resolve_input
     from rose_select.tokenization import TokenizeConfig
+
+    try:  # the layout of this checkout, or of an older one given as --old-src
+        from rose_select.train import stage as training
+    except ImportError:
+        from rose_select import training
 
     cls, run = (training.WarmupConfig, training.run_warmup) if stage == "warmup" else (
         training.TrainConfig, training.run_train)
