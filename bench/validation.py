@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 from rose_select.features.stage import FeaturizeConfig, run_featurize  # noqa: E402
 from rose_select.features.store import open_features  # noqa: E402
-from rose_select.pipeline import resolve_input  # noqa: E402
+from rose_select.data.builtin import resolve_input  # noqa: E402
+from rose_select.tokenization import TokenizeConfig  # noqa: E402
 
 SHP = "builtin:rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json"
 POOL = "builtin:pool/sharegpt_demo.jsonl"
@@ -45,7 +46,8 @@ def _timed(cfg: FeaturizeConfig) -> float:
 
 def _common(args) -> dict:
     return dict(model=args.model, checkpoint=args.checkpoint, projection="sjlt", dim=args.dim,
-                batch_size=args.batch_size, max_length=args.max_length, dtype="float32", device="cpu")
+                batch_size=args.batch_size, tokenize=TokenizeConfig(max_length=args.max_length),
+                store_dtype="float32", device="cpu")
 
 
 def validation_passes(args, tmp: Path) -> dict:
