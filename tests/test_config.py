@@ -143,3 +143,12 @@ def test_the_console_carries_no_third_party_noise(tmp_path, tiny_model_dir):
                           capture_output=True, text=True, env={**env, "ROSE_NO_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "Loading weights" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+
+
+def test_run_training_sections_reach_warmup_and_final_training(tmp_path):
+    """Every schedule setting of the run's warmup/train sections, the Trainer's own included."""
+    cfg = _run_config(tmp_path, warmup={"epochs": 3, "gradient_checkpointing": True, "report_to": "tensorboard"},
+                      train={"lr": 3e-4, "mixed_precision": "none", "weight_decay": 0.1})
+    warm, train = training_configs(cfg, tmp_path / "run", "pool.jsonl")
+    assert (warm.epochs, warm.gradient_checkpointing, warm.report_to) == (3, True, "tensorboard")
+    assert (train.lr, train.mixed_precision, train.weight_decay, train.gradient_checkpointing) == (3e-4, "none", 0.1, False)

@@ -87,6 +87,9 @@ class Schedule:
     batch_size: int = field(default=1, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=32, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA with float32 weights) | none | bf16 | fp16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory, more compute)"})
+    report_to: str = field(default="none", metadata={"help": "Trainer logging integrations: none | all | tensorboard,wandb,..."})
 
     def __post_init__(self):
         checks = [
@@ -97,9 +100,12 @@ class Schedule:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+            (self.mixed_precision in ("auto", "none", "bf16", "fp16"),
+             f"mixed_precision must be auto|none|bf16|fp16, got {self.mixed_precision!r}"),
         ]
         require(checks)
         getattr(super(), "__post_init__", lambda: None)()
+
 
 @dataclass
 class TrainConfig(ModelSettings, Schedule):
@@ -117,9 +123,6 @@ class TrainConfig(ModelSettings, Schedule):
     save_every_epoch: bool = field(default=False, metadata={"help": "write ckpt-<epoch>/ after every epoch (enables resume)"})
     limit: int | None = field(default=None, metadata={"help": "read at most this many pool records (smoke runs)"})
     on_too_long: str = field(default="error", metadata={"help": "error | skip: an example with no response token left after truncation"})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA with float32 weights) | none | bf16 | fp16"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory, more compute)"})
-    report_to: str = field(default="none", metadata={"help": "Trainer logging integrations: none | all | tensorboard,wandb,..."})
 
     RENAMED = {"dtype": "model_dtype"}
 
@@ -129,8 +132,6 @@ class TrainConfig(ModelSettings, Schedule):
             (self.fraction is None or 0.0 < self.fraction <= 1.0, f"fraction must be in (0, 1], got {self.fraction}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (self.on_too_long in ("error", "skip"), f"on_too_long must be error|skip, got {self.on_too_long!r}"),
-            (self.mixed_precision in ("auto", "none", "bf16", "fp16"),
-             f"mixed_precision must be auto|none|bf16|fp16, got {self.mixed_precision!r}"),
         ]
         require(checks)
         chosen = [name for name, on in (("selection", self.selection), ("fraction", self.fraction is not None),
