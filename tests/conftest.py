@@ -35,3 +35,11 @@ def shared_data_dir():
 
     here = Path(__file__).resolve().parents[1]
     return here.parent / "shared" / "data" / "rose"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model_dir, tmp_path_factory):
+    """A warm-up checkpoint of the tiny model (random LoRA weights and Adam moments)."""
+    from rose_select.testing import write_lora_checkpoint
+
+    return write_lora_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt"))

@@ -14,13 +14,6 @@ from rose_select.modeling import load_model
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_model_dir, tmp_path_factory):
-    from rose_select.testing import write_lora_checkpoint
-
-    return write_lora_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     pool = d / "pool.jsonl"

@@ -71,13 +71,6 @@ def test_auto_differs_from_base_only_by_a_positive_scalar(lora_model):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_model_dir, tmp_path_factory):
-    from rose_select.testing import write_lora_checkpoint
-
-    return write_lora_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     pool, prefs = d / "pool.jsonl", d / "prefs.jsonl"
