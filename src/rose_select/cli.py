@@ -42,6 +42,7 @@ HELP = {
 OTHER = {"data": "inspect and validate data files (rose data validate FILE)",
          "answer": "greedy-answer a prompt with a model (and optional adapter)"}
 
+
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rose", description="Reward-oriented data selection (ROSE) and its baselines.")
     p.add_argument("--version", action="version", version=f"rose-select {__version__}")
@@ -51,6 +52,7 @@ def _top_parser() -> argparse.ArgumentParser:
     for name, help_text in OTHER.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return p
+
 
 def _stage_main(name: str, argv: list[str]) -> int:
 
@@ -73,6 +75,7 @@ def _stage_main(name: str, argv: list[str]) -> int:
         print(result)
     return 0
 
+
 def _data_main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="rose data", description=OTHER["data"])
@@ -92,6 +95,7 @@ def _data_main(argv: list[str]) -> int:
         print(report.format())
         status |= 0 if report.ok else 1
     return status
+
 
 def _answer_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rose answer", description=OTHER["answer"])
@@ -113,6 +117,7 @@ def _answer_main(argv: list[str]) -> int:
                              pad_token_id=tok.pad_token_id)
     print(tok.decode(out[0][len(ids):], skip_special_tokens=True).strip())
     return 0
+
 
 def main(argv: list[str] | None = None) -> int:
 
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     top.parse_args(argv)  # unknown command: argparse prints the choices and exits 2
     return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,8 +32,10 @@ from rose_select.io import write_text
 
 T = TypeVar("T")
 
+
 def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
 
 def _strip_optional(tp):
     origin = typing.get_origin(tp)
@@ -42,6 +44,7 @@ def _strip_optional(tp):
         if len(args) == 1:
             return args[0], True
     return tp, False
+
 
 def _coerce(value: Any, tp, where: str):
     """Convert a YAML/flag value to the annotated type, or raise a ConfigError quoting it."""
@@ -98,6 +101,7 @@ def _coerce(value: Any, tp, where: str):
         return Path(value)
     return value
 
+
 def from_dict(cls: type[T], data: dict, *, where: str | None = None) -> T:
     """Build ``cls`` from a mapping; unknown keys are an error (typos must not pass silently)."""
     where = where or cls.__name__
@@ -117,17 +121,20 @@ def from_dict(cls: type[T], data: dict, *, where: str | None = None) -> T:
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
 
+
 def require(checks) -> None:
     """Raise a ConfigError with the message of the first ``(ok, message)`` that does not hold."""
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
+
 def section_fields(section, cls=None) -> dict:
     """The fields of dataclass ``cls`` (default: the section's own class) taken from ``section``,
     values shared, not copied: a section handed on whole."""
     cls = cls or type(section)
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+
 
 def compose(cls: type[T], *sections, **fields) -> T:
     """``cls`` built from whole sections (dataclass instances, each contributing every field of
@@ -140,6 +147,7 @@ def compose(cls: type[T], *sections, **fields) -> T:
             raise TypeError(f"compose({cls.__name__}): {twice} given twice")
         values.update(part)
     return cls(**values)
+
 
 def to_dict(cfg) -> dict:
     """Plain JSON/YAML-able dict of a config (paths as strings)."""
@@ -156,6 +164,7 @@ def to_dict(cfg) -> dict:
         return v
 
     return conv(cfg)
+
 
 def load_yaml(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
     """Load a config from YAML, then apply flag overrides (dotted keys allowed: ``warmup.epochs``)."""
@@ -175,9 +184,11 @@ def load_yaml(cls: type[T], path: str | Path, overrides: dict | None = None) -> 
         node[leaf] = value
     return from_dict(cls, data, where=str(path))
 
+
 def save_yaml(cfg, path: str | Path) -> None:
 
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "") -> None:
     """Add one ``--flag`` per (nested) field of ``cls``; values stay strings until ``from_dict``."""
@@ -200,6 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "") -> 
         parser.add_argument("--" + f"{prefix}{old}".replace("_", "-"), dest=f"{prefix}{old}",
                             default=None, help=argparse.SUPPRESS)
 
+
 def flag_overrides(args: argparse.Namespace, cls, *, prefix: str = "") -> dict:
     """The flags actually given on the command line, as a dotted-key dict."""
     out = {}
@@ -216,6 +228,7 @@ def flag_overrides(args: argparse.Namespace, cls, *, prefix: str = "") -> dict:
             out[f"{prefix}{old}"] = getattr(args, f"{prefix}{old}")
     return out
 
+
 def nest(flat: dict) -> dict:
     """Turn ``{"a.b": 1}`` into ``{"a": {"b": 1}}``."""
     out: dict = {}
@@ -226,6 +239,7 @@ def nest(flat: dict) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
+
 
 def from_args(cls: type[T], args: argparse.Namespace, config_path: str | None = None) -> T:
     """Config from an optional YAML file plus the given flags (flags win)."""

@@ -51,6 +51,7 @@ from rose_select.tokenization import (
     encode_triple,
 )
 
+
 @dataclass
 class EvalSettings:
     """How a model is measured, whatever the files: the ``evaluate`` section of a run."""
@@ -87,6 +88,7 @@ class EvalSettings:
             chat_completions_url(self.judge_url)  # validates the URL
         getattr(super(), "__post_init__", lambda: None)()
 
+
 @dataclass
 class EvalConfig(ModelSettings, EvalSettings):
     """One evaluation: the base model (also π_ref), an optional adapter, held-out pairs and/or test prompts."""
@@ -118,14 +120,17 @@ class EvalConfig(ModelSettings, EvalSettings):
 
 # ---------------------------------------------------------------------------- pure metric math
 
+
 def implicit_reward(logp, ref_logp, beta: float):
     """DPO implicit reward β (log π − log π_ref) (numpy or torch, elementwise)."""
     return beta * (logp - ref_logp)
+
 
 def dpo_losses(pol_w, pol_l, ref_w, ref_l, beta: float) -> np.ndarray:
     """−log σ(β((π_w − ref_w) − (π_l − ref_l))), numerically stable, float64."""
     z = beta * ((np.asarray(pol_w, np.float64) - ref_w) - (np.asarray(pol_l, np.float64) - ref_l))
     return np.logaddexp(0.0, -z)
+
 
 def preference_metrics(pol_w, pol_l, ref_w, ref_l, n_w, n_l, sft_w, beta: float) -> dict:
     """Means over triples of the metrics in the module docstring. Inputs: arrays of length N."""
@@ -147,9 +152,11 @@ def preference_metrics(pol_w, pol_l, ref_w, ref_l, n_w, n_l, sft_w, beta: float)
 
 # ---------------------------------------------------------------------------- model passes
 
+
 def _batches(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
 
 def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: int, device) -> dict[str, np.ndarray]:
     """Summed response log-prob, response token count and SFT loss of each encoding."""
@@ -169,8 +176,10 @@ def sequence_stats(model, encodings: Sequence[dict], pad_id: int, batch_size: in
     inverse = np.argsort(np.asarray(order, dtype=np.int64))
     return {k: np.concatenate(v)[inverse] if order else np.zeros(0) for k, v in out.items()}
 
+
 def _has_adapter(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
 
 def sequences_key(tag: str, seqs: Sequence[dict]) -> str:
     """Fingerprint of a reference pass: ``tag`` (base model and dtype) and the exact token ids and labels."""
@@ -181,6 +190,7 @@ def sequences_key(tag: str, seqs: Sequence[dict]) -> str:
         h.update(np.asarray(e["input_ids"], np.int64).tobytes() + b"|")
         h.update(np.asarray(e["labels"], np.int64).tobytes() + b";")
     return h.hexdigest()
+
 
 def _cached_reference(path: str | None, key: str, compute) -> dict[str, np.ndarray]:
     """Reference (base-model) log-probs are the same for every adapter evaluated on the same
@@ -195,6 +205,7 @@ def _cached_reference(path: str | None, key: str, compute) -> dict[str, np.ndarr
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), **ref)
     return ref
+
 
 def triple_stats(model, tokenizer, triples: Sequence[PreferenceTriple], tok_cfg: TokenizeConfig,
                  batch_size: int, device, *, reference_cache: str | None = None,
@@ -220,6 +231,7 @@ def triple_stats(model, tokenizer, triples: Sequence[PreferenceTriple], tok_cfg:
     return {"pol_w": pol["logp"][:n], "pol_l": pol["logp"][n:], "ref_w": ref["logp"][:n], "ref_l": ref["logp"][n:],
             "n_w": pol["n"][:n], "n_l": pol["n"][n:], "sft_w": pol["sft"][:n]}
 
+
 def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], cfg: EvalConfig, device="cpu") -> dict:
     """``{"overall": metrics, "per_subtask": {subtask: metrics}}`` on held-out triples."""
     if not triples:
@@ -231,6 +243,7 @@ def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], 
     per = {name: preference_metrics(*(s[k][subtasks == name] for k in keys), beta=cfg.beta)
            for name in dict.fromkeys(subtasks.tolist())}
     return {"overall": preference_metrics(*(s[k] for k in keys), beta=cfg.beta), "per_subtask": per}
+
 
 def greedy_answers(model, tokenizer, prompts: Sequence[list[Message]], tok_cfg: TokenizeConfig,
                    max_new_tokens: int, batch_size: int, device) -> list[str]:
@@ -249,12 +262,14 @@ def greedy_answers(model, tokenizer, prompts: Sequence[list[Message]], tok_cfg: 
         answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     return answers
 
+
 def golden_stats(model, tokenizer, items: Sequence[tuple[list[Message], str]], tok_cfg: TokenizeConfig,
                  batch_size: int, device) -> dict[str, np.ndarray]:
 
     enc = [encode_messages(list(p) + [Message("assistant", g)], tokenizer, tok_cfg, record=str(i), pair=True)
            for i, (p, g) in enumerate(items)]
     return sequence_stats(model, enc, tokenizer.pad_token_id, batch_size, device)
+
 
 def test_prompts_by_subtask(path, limit: int | None = None) -> dict[str, list[tuple[list[Message], str]]]:
     """Test prompts with golden answers (``rose_select.data.load_test_prompts``), grouped by
@@ -269,6 +284,7 @@ def test_prompts_by_subtask(path, limit: int | None = None) -> dict[str, list[tu
     if not grouped:
         raise ConfigError(f"{path}: no test prompts (*.json files of {{prompt, golden_answer}})")
     return grouped
+
 
 def evaluate_test_prompts(model, tokenizer, prompts: dict[str, list], cfg: EvalConfig, judge=None, device="cpu"):
     """Golden-answer log-likelihood (and judge win rate) per subtask; also returns the generations."""
@@ -289,6 +305,7 @@ def evaluate_test_prompts(model, tokenizer, prompts: dict[str, list], cfg: EvalC
         per[subtask] = m
     return per, generations
 
+
 def _overall_test(per: dict) -> dict:
     """Prompt-weighted means of the per-subtask test metrics."""
     n = sum(m["n_prompts"] for m in per.values())
@@ -301,10 +318,12 @@ def _overall_test(per: dict) -> dict:
 
 # ---------------------------------------------------------------------------- stage
 
+
 def markdown_table(metrics: dict) -> str:
     """One row per subtask (and overall), one column per metric."""
     rows = {**metrics.get("per_subtask", {}), "**overall**": metrics.get("overall", {})}
     return markdown([{"subtask": name, **m} for name, m in rows.items()]) + "\n"
+
 
 def _load_triples(cfg: EvalConfig) -> list[PreferenceTriple]:
 
@@ -322,6 +341,7 @@ def _load_triples(cfg: EvalConfig) -> list[PreferenceTriple]:
                 kept.append(t)
         triples = kept
     return triples
+
 
 def run_evaluate(cfg: EvalConfig, triples: Sequence[PreferenceTriple] | None = None) -> Path:
     """Evaluate ``cfg.model`` (+ ``cfg.adapter``); writes ``metrics.json``, ``metrics.md`` and,

@@ -61,6 +61,7 @@ DEFAULT_METHODS = {"table1": None, "subtasks": None, "figure3": None, "table2": 
                    "quality": ["rose", "rose_plus", "rose_ln", "less", "random", "bm25", "rds", "dsir", "influence", "shapley"]}
 METRICS = ("rewards/accuracies", "rewards/margins", "logps/accuracy")
 
+
 @dataclass
 class ExperimentConfig:
     experiment: str = field(default="table1", metadata={"help": "|".join(EXPERIMENTS)})
@@ -99,9 +100,11 @@ class ExperimentConfig:
 
 # ------------------------------------------------------------------------------------- pure helpers
 
+
 def checkpoint_sets(n_epochs: int) -> list[list[int]]:
     """Table 3's sets: the last checkpoint, the last two, ..., all ``n_epochs``."""
     return [list(range(n_epochs - k + 1, n_epochs + 1)) for k in range(1, n_epochs + 1)]
+
 
 def first_k_prompts(triples, k: int) -> list:
     """Triples of the first ``k`` distinct prompts of each subtask (every pair of such a prompt)."""
@@ -117,12 +120,14 @@ def first_k_prompts(triples, k: int) -> list:
             out.append(t)
     return out
 
+
 def write_triples_jsonl(triples, path: Path) -> Path:
     """Preference triples as TRL-style JSONL rows with their subtask (a format ``load_preferences`` reads)."""
 
     write_jsonl(path, ({"id": t.id, "subtask": t.subtask, "chosen": t.chosen, "rejected": t.rejected,
                         "prompt": [{"role": m.role, "content": m.content} for m in t.prompt]} for t in triples))
     return path
+
 
 def correlations(x, y) -> dict:
 
@@ -133,6 +138,7 @@ def correlations(x, y) -> dict:
     return {"pearson": nan_none(_corr(x, y)), "spearman": nan_none(_corr(_ranks(x), _ranks(y))), "n": int(len(x))}
 
 # ------------------------------------------------------------------------------------- runs
+
 
 def _run(cfg: ExperimentConfig, name: str, **changes) -> Path:
     """One ``rose run`` under the experiment directory, sharing target-independent stages."""
@@ -149,6 +155,7 @@ def _run(cfg: ExperimentConfig, name: str, **changes) -> Path:
     print(f"[rose experiment] run {name}", flush=True)
     return run_pipeline(run_cfg)
 
+
 def finished_with(run: Path, run_cfg: RunConfig) -> bool:
     """A run that completed (``results.json``) with exactly this config is reused as it is, so
     the experiments that share runs (table1, subtasks, figure3) only aggregate; ``rose run`` on
@@ -159,8 +166,10 @@ def finished_with(run: Path, run_cfg: RunConfig) -> bool:
         return False
     return yaml.safe_load((run / "config.yaml").read_text()) == json.loads(json.dumps(to_dict(run_cfg)))
 
+
 def _metrics(run: Path, method: str) -> dict:
     return json.loads((run / "eval" / method / "metrics.json").read_text())
+
 
 def _method_rows(run: Path, methods: list[str], **labels) -> list[dict]:
     rows = []
@@ -169,6 +178,7 @@ def _method_rows(run: Path, methods: list[str], **labels) -> list[dict]:
         rows.append({**labels, "method": m, "n_heldout": overall.get("n"), **{k: overall.get(k) for k in METRICS}})
     return rows
 
+
 def _target_runs(cfg: ExperimentConfig) -> dict[str, Path]:
     """One run per target; each target has its own held-out pairs (never the base config's)."""
     heldouts = cfg.heldouts or [None] * len(cfg.targets)
@@ -176,6 +186,7 @@ def _target_runs(cfg: ExperimentConfig) -> dict[str, Path]:
                                  evaluate={"heldout": h}) for t, h in zip(cfg.targets, heldouts)}
 
 # ------------------------------------------------------------------------------------- experiments
+
 
 def table1(cfg: ExperimentConfig, out: Path) -> dict:
 
@@ -191,6 +202,7 @@ def table1(cfg: ExperimentConfig, out: Path) -> dict:
           + markdown(list(wide.values()), ["method", *runs]) + "\n\nAll metrics:\n\n" + markdown(rows))
     return {"rows": rows, "markdown": md, "runs": {k: str(v) for k, v in runs.items()}}
 
+
 def subtasks(cfg: ExperimentConfig, out: Path) -> dict:
     runs = _target_runs(cfg)
     rows, parts = [], []
@@ -201,6 +213,7 @@ def subtasks(cfg: ExperimentConfig, out: Path) -> dict:
         rows += [{"target": name, **r} for r in table]
         parts.append(f"### {name}\n\nHeld-out preference accuracy per subtask:\n\n{markdown(table)}")
     return {"rows": rows, "markdown": "\n\n".join(parts), "runs": {k: str(v) for k, v in runs.items()}}
+
 
 def figure3(cfg: ExperimentConfig, out: Path) -> dict:
     """Validation losses on the few-shot set (what a user can compute before training on test
@@ -240,12 +253,14 @@ def figure3(cfg: ExperimentConfig, out: Path) -> dict:
           + markdown(stat_rows))
     return {"rows": points, "correlations": stats, "markdown": md, "runs": {k: str(v) for k, v in runs.items()}}
 
+
 def _adapter_of(run: Path, method: str) -> str:
     """The adapter a finished run evaluated for ``method`` (as its metrics record it)."""
     adapter = _metrics(run, method)["config"]["adapter"]
     if not adapter:
         raise ConfigError(f"{run}: no trained model for method {method!r}")
     return adapter
+
 
 def table2(cfg: ExperimentConfig, out: Path) -> dict:
     target = cfg.base.validation
@@ -254,6 +269,7 @@ def table2(cfg: ExperimentConfig, out: Path) -> dict:
     rows = [r for model, run in runs.items() for r in _method_rows(run, cfg.method_list(), model=model)]
     return {"rows": rows, "markdown": f"Target `{target_name(target)}`.\n\n" + markdown(rows),
             "runs": {k: str(v) for k, v in runs.items()}}
+
 
 def table3(cfg: ExperimentConfig, out: Path) -> dict:
 
@@ -271,6 +287,7 @@ def table3(cfg: ExperimentConfig, out: Path) -> dict:
                         "warm-up checkpoints used (the last k)", "held-out preference accuracy",
                         f"Table 3: number of checkpoints ({m})", out / f"table3_{m}.png")
     return {"rows": rows, "markdown": markdown(rows), "runs": {k: str(v) for k, v in runs.items()}}
+
 
 def figure4(cfg: ExperimentConfig, out: Path) -> dict:
 
@@ -296,6 +313,7 @@ def figure4(cfg: ExperimentConfig, out: Path) -> dict:
                     logx=True)
     return {"rows": rows, "markdown": f"{len(held)} held-out pairs (the same for every k).\n\n" + markdown(rows),
             "runs": {k: str(v) for k, v in runs.items()}}
+
 
 def table9(cfg: ExperimentConfig, out: Path) -> dict:
     """Select with ``base.model``; train each of ``models`` on those selections (same recipe) and
@@ -326,23 +344,29 @@ def table9(cfg: ExperimentConfig, out: Path) -> dict:
     return {"rows": rows, "markdown": f"Target `{target_name(cfg.base.validation)}`.\n\n" + markdown(rows),
             "runs": {"select": str(source_run)}}
 
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
+
 
 def quality(cfg: ExperimentConfig, out: Path) -> dict:
 
     return run_quality(cfg, out)
 
+
 RUNNERS = {"quality": quality, "table1": table1, "subtasks": subtasks, "figure3": figure3, "table2": table2, "table3": table3,
            "figure4": figure4, "table9": table9}
 
+
 def add_cli_arguments(command: str, parser) -> None:
     parser.add_argument("name", nargs="?", choices=EXPERIMENTS, help="the experiment (same as --experiment)")
+
 
 def handle_cli(command: str, args) -> int | None:
     if args.name:
         args.experiment = args.name
     return None
+
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run one experiment; returns its directory (table.md, results.json, plots)."""

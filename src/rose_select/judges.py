@@ -29,9 +29,11 @@ JUDGE_PROMPT = (
     "Answer:"
 )
 
+
 def reward_outcome(score_model: float, score_golden: float) -> float:
     """Reward-model judgement of the model answer against the golden one: 1 / 0.5 (tie) / 0."""
     return 1.0 if score_model > score_golden else 0.5 if score_model == score_golden else 0.0
+
 
 def pairwise_outcome(model_first_prefers_a: bool, golden_first_prefers_a: bool) -> float:
     """Both-orders pairwise judgement. Order 1 shows (A=model, B=golden), order 2 (A=golden,
@@ -41,11 +43,13 @@ def pairwise_outcome(model_first_prefers_a: bool, golden_first_prefers_a: bool) 
 
 # ---------------------------------------------------------------------------- judges
 
+
 def hh_text(messages: Sequence[Message], answer: str | None = None) -> str:
     """The HH-RLHF rendering "\\n\\nHuman: ...\\n\\nAssistant: ..." (ends with the answer if given)."""
     text = "".join(f"\n\n{'Human' if m.role == 'user' else 'Assistant'}: {m.content}" for m in messages
                    if m.role != "system")
     return text + "\n\nAssistant:" + (f" {answer}" if answer is not None else "")
+
 
 class RewardJudge:
     """A sequence-classification reward model with one output (higher = better)."""
@@ -80,6 +84,7 @@ class RewardJudge:
     def judge(self, messages, model_answer: str, golden: str) -> float:
         return reward_outcome(self.score(messages, model_answer), self.score(messages, golden))
 
+
 class PairwiseJudge:
     """A causal LM asked ``JUDGE_PROMPT``; compares next-token logits of " A" and " B"."""
 
@@ -108,6 +113,7 @@ class PairwiseJudge:
     def judge(self, messages, model_answer: str, golden: str) -> float:
         return pairwise_outcome(self.prefers_a(messages, model_answer, golden),
                                 self.prefers_a(messages, golden, model_answer))
+
 
 def load_judge(name: str, kind: str = "auto", device="cpu"):
     """A local judge with ``judge(messages, model_answer, golden)``: a reward model or a causal LM

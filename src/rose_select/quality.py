@@ -52,6 +52,7 @@ from rose_select.train.stage import run_warmup
 GENERIC = "generic"
 POOL_SOURCE = "pool"
 
+
 @dataclass(frozen=True)
 class PlantedRow:
     """Ground truth of one pool row (never shown to a method)."""
@@ -62,9 +63,11 @@ class PlantedRow:
     preferred: bool | None  # None for generic rows
     length: int  # characters of the assistant text (the length rule's score)
 
+
 def answer_chars(record: InstructionRecord) -> int:
     """Characters of every assistant turn of a record: the "longer answer wins" score."""
     return sum(len(m.content) for m in record.messages if m.role == "assistant")
+
 
 def take_per_subtask(triples: Sequence[PreferenceTriple], k: int, rng: np.random.Generator) -> list[PreferenceTriple]:
     """A seeded sample of ``k`` triples of each subtask (all of a smaller subtask), one per prompt,
@@ -81,6 +84,7 @@ def take_per_subtask(triples: Sequence[PreferenceTriple], k: int, rng: np.random
     for rows in by_subtask.values():
         keep += sorted(rng.choice(rows, size=min(k, len(rows)), replace=False).tolist())
     return [triples[i] for i in sorted(keep)]
+
 
 def plant_pool(generic: Sequence[InstructionRecord], planted: Mapping[str, Sequence[PreferenceTriple]],
                seed: int) -> tuple[list[InstructionRecord], list[PlantedRow]]:
@@ -110,6 +114,7 @@ def plant_pool(generic: Sequence[InstructionRecord], planted: Mapping[str, Seque
 
 # ---------------------------------------------------------------------------- metrics
 
+
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (``successes`` may be fractional: ties count 1/2)."""
     if n == 0:
@@ -119,6 +124,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``positive`` rows vs the rest (Mann-Whitney; ties count 1/2)."""
@@ -130,6 +136,7 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     ranks = _ranks(scores) + 1
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
+
 def paired_wins(scores: np.ndarray, truth: Sequence[PlantedRow], domain: str) -> np.ndarray:
     """Per planted prompt of ``domain``: 1 if its preferred row scores above its dispreferred row,
     1/2 on a tie, 0 otherwise (in pair order)."""
@@ -140,6 +147,7 @@ def paired_wins(scores: np.ndarray, truth: Sequence[PlantedRow], domain: str) ->
     pairs = sorted(pref)
     a, b = np.array([pref[p] for p in pairs]), np.array([disp[p] for p in pairs])
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+
 
 def selection_metrics(scores: np.ndarray, selected: Sequence[int], truth: Sequence[PlantedRow],
                       domain: str) -> dict:
@@ -163,21 +171,26 @@ def selection_metrics(scores: np.ndarray, selected: Sequence[int], truth: Sequen
         "auc": auc(scores, in_domain),
     }
 
+
 def length_scores(truth: Sequence[PlantedRow]) -> np.ndarray:
     """The "longer answer wins" rule as a score: the answer's length in characters."""
     return np.array([r.length for r in truth], dtype=np.float64)
+
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
 
     return _corr(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
 
+
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: 1.96 is close enough
 # for a report; 2.23 at 10, 2.09 at 19)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
+
 def t975(dof: int) -> float:
     return _T975[dof - 1] if dof <= len(_T975) else 1.96 + 2.4 / dof
+
 
 def mean_interval(values: Sequence[float]) -> dict:
     """Mean and 95% t-interval over seeds (``lo``/``hi`` None for a single seed)."""
@@ -192,19 +205,23 @@ def mean_interval(values: Sequence[float]) -> dict:
 
 # ---------------------------------------------------------------------------- the experiment
 
+
 QUICK = {"generic_records": 30, "plant": 1}
 LENGTH_RULE = "length"
+
 
 def _set_name(target: str) -> str:
 
     info = shot_file_info(target)
     return info[0] if info else target_name(target)
 
+
 def planted_counts(cfg) -> dict[str, int]:
     """Planted prompts per subtask for each target (``--quick``: one)."""
     if cfg.quick:
         return {t: QUICK["plant"] for t in cfg.targets}
     return {t: int(cfg.plant_per_subtask.get(_set_name(t), 3)) for t in cfg.targets}
+
 
 def build_pool(cfg, seed: int, out_dir):
     """Write ``pool.jsonl`` and ``truth.json`` of one seed (skipped when both exist); returns
@@ -233,10 +250,12 @@ def build_pool(cfg, seed: int, out_dir):
     write_json(truth_file, [r.__dict__ for r in truth])
     return pool_file, truth
 
+
 def _selected_indices(sel_dir, ids: list[str]) -> np.ndarray:
 
     where = {rid: i for i, rid in enumerate(ids)}
     return np.array([where[i] for i in read_selection(sel_dir)], dtype=np.int64)
+
 
 def _select_once(scfg) -> None:
     """``run_select`` unless the directory holds a selection made with exactly this config."""
@@ -251,6 +270,7 @@ def _select_once(scfg) -> None:
     run_select(scfg)
     write_json(stamp, want)
 
+
 def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
     """(row label, method, select options): every method as configured, the ROSE methods also with
     per-subtask standardisation (``+std``) and subtask-balanced selection (``+balanced``), and the
@@ -264,6 +284,7 @@ def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
         if m == "rose" or m in VARIANTS:
             rows += [(f"{m}+std", m, {"standardize": True}), (f"{m}+balanced", m, {"balanced": True})]
     return rows
+
 
 def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
     """One seed: planted pool, warm-up, features, every method's selection and its figures; and
@@ -305,6 +326,7 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
                      "length_spearman": 1.0})
     return rows, geometry
 
+
 def _geometry(seed_dir, run, ckpt: str, truth, domain: str) -> dict | None:
     """``direction_geometry`` on one checkpoint's stores, when the pairwise and chosen stores exist."""
 
@@ -316,8 +338,10 @@ def _geometry(seed_dir, run, ckpt: str, truth, domain: str) -> dict | None:
     return direction_geometry(feats(seed_dir / "features" / ckpt / "pool"), truth, domain,
                               pairwise=feats(val / "val_pairwise"), chosen=feats(val / "val_sft"), rejected=rejected)
 
+
 AGGREGATED = ("domain_precision", "precision_over_base", "preferred_share", "paired_accuracy", "auc",
               "length_spearman")
+
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (target, method): the mean and 95% interval over seeds of every figure, and the paired
@@ -337,12 +361,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
         out.append(agg)
     return out
 
+
 def _fmt(stat: dict, digits: int = 2) -> str:
     if stat["mean"] is None:
         return "-"
     if stat["lo"] is None:
         return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
+
 
 def markdown_table(agg: list[dict]) -> str:
     """One row per target and method: the benchmark's figures (mean [95% interval] over seeds)."""
@@ -356,6 +382,7 @@ def markdown_table(agg: list[dict]) -> str:
                      f"{p['accuracy']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}] (n={p['n']}) | "
                      f"{_fmt(a['auc'])} | {_fmt(a['length_spearman'])} |")
     return "\n".join(lines)
+
 
 def quality(cfg, out) -> dict:
     """``rose experiment quality``: the planted-pool benchmark for every method and target."""
@@ -377,6 +404,7 @@ def quality(cfg, out) -> dict:
           + geometry_markdown(geometry))
     return {"rows": rows, "aggregate": agg, "geometry": geometry, "markdown": md}
 
+
 def geometry_markdown(geometry: dict) -> str:
     """The geometry figures per target (mean over seeds), as a markdown table."""
     per_target: dict[str, list[dict]] = {}
@@ -396,9 +424,11 @@ def geometry_markdown(geometry: dict) -> str:
 
 # ---------------------------------------------------------------------------- why: the geometry
 
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
+
 
 def direction_geometry(pool: np.ndarray, truth: Sequence[PlantedRow], domain: str, *, pairwise: np.ndarray,
                        chosen: np.ndarray, rejected: np.ndarray | None = None) -> dict:

@@ -18,6 +18,7 @@ _CORPUS = [
     "I think the answer is yes, because the evidence points that way. No, it is not.",
 ]
 
+
 def build_tiny_tokenizer(chat_template: bool = False):
     """A byte-level BPE tokenizer trained in memory (no hub access). Every string encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -36,6 +37,7 @@ def build_tiny_tokenizer(chat_template: bool = False):
             "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
     return fast
 
+
 def build_tiny_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2,
                      dtype=None):
     import torch
@@ -51,6 +53,7 @@ def build_tiny_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, l
         model = model.to(dtype)
     return model
 
+
 def write_tiny_model_dir(path: str | Path, *, seed: int = 0, chat_template: bool = False, **kw) -> Path:
     """Save a tiny random Llama + tokenizer to ``path`` (a normal HF model directory)."""
     path = Path(path)
@@ -59,6 +62,7 @@ def write_tiny_model_dir(path: str | Path, *, seed: int = 0, chat_template: bool
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
 
 def poison_embeddings(path: str | Path, text: str) -> list[int]:
     """Set the input embeddings of ``text``'s tokens to NaN in a saved model directory, so that
@@ -72,6 +76,7 @@ def poison_embeddings(path: str | Path, text: str) -> list[int]:
     weights["model.embed_tokens.weight"][ids] = float("nan")
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     return ids
+
 
 def write_lora_checkpoint(model: str | Path, out: str | Path, lora=None, *, seed: int = 0) -> Path:
     """A warm-up-like checkpoint without training (tests, benches): the base model with random

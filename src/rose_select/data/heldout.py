@@ -11,6 +11,7 @@ from rose_select.records import PreferenceTriple
 
 # --------------------------------------------------------------------------- held-out split
 
+
 def prompt_key(triple: PreferenceTriple) -> tuple:
     return tuple((m.role, m.content) for m in triple.prompt)
 

@@ -227,7 +227,6 @@ def _prompt(text, where: _Where, name: str = "prompt") -> list[Message]:
     return msgs
 
 
-
 def _record_id(rec: dict, where: _Where, default: str) -> str:
     value = rec.get("id")
     if value is None:
@@ -236,7 +235,6 @@ def _record_id(rec: dict, where: _Where, default: str) -> str:
         raise where.error("wrong_type", f"id must be a string or integer, got {type(value).__name__}", "id")
     _valid_unicode(str(value), where, "id")
     return str(value)
-
 
 
 def _canonical_format(fmt: str, allowed: Sequence[str]) -> str | None:
@@ -268,8 +266,6 @@ class _Ids:
             raise where.error("duplicate_id", f"duplicate id {rid!r} (first at {at})", "id")
         self.seen[rid] = where
         return rid
-
-
 
 
 def _stem(path) -> str:

@@ -21,6 +21,7 @@ from rose_select.errors import DataError
 
 # --------------------------------------------------------------------------- validation
 
+
 @dataclass
 class ValidationReport:
     """Everything wrong with one file, counted per problem kind, plus what did load."""

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 from rose_select.config import save_yaml
 from rose_select.errors import ConfigError, PeerError
 
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the group; ``world == 1`` means no process group at all."""
@@ -38,6 +39,7 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+
 def env_ranks(environ=None) -> tuple[int, int, int]:
     """``(rank, world, local_rank)`` from torchrun's variables; ``(0, 1, 0)`` when not set."""
     env = os.environ if environ is None else environ
@@ -51,6 +53,7 @@ def env_ranks(environ=None) -> tuple[int, int, int]:
         raise ConfigError(f"need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0, got RANK={rank}, "
                           f"WORLD_SIZE={world}, LOCAL_RANK={local}")
     return rank, world, local
+
 
 def start(use_cuda: bool) -> Dist:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), if there is one."""
@@ -68,6 +71,7 @@ def start(use_cuda: bool) -> Dist:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local, device, owns)
 
+
 def stop(d: Dist) -> None:
     """Leave the process group together: a rank tearing down while a peer is still inside a
     collective can make the peer abort."""
@@ -79,6 +83,7 @@ def stop(d: Dist) -> None:
 
 # --------------------------------------------------------------------------- collectives
 
+
 def _all_gather(d: Dist, tensor):
     import torch
     import torch.distributed as dist
@@ -87,12 +92,14 @@ def _all_gather(d: Dist, tensor):
     dist.all_gather(out, tensor)
     return out
 
+
 def attempt(fn: Callable[[], object]) -> tuple[object, Exception | None]:
     """``(fn(), None)``, or ``(None, error)``: a failure is reported to the peers, then raised."""
     try:
         return fn(), None
     except Exception as e:  # noqa: BLE001 - re-raised by ``agree`` after the peers know
         return None, e
+
 
 def agree(d: Dist, error: Exception | None, token: int = 0) -> list[int]:
     """Barrier that shares failures: raise ``error`` here, or ``PeerError`` if another rank
@@ -112,6 +119,7 @@ def agree(d: Dist, error: Exception | None, token: int = 0) -> list[int]:
         raise PeerError(f"rank(s) {failed} failed (see their messages above); rank {d.rank} stops too")
     return list(tokens)
 
+
 def gather_features(d: Dist, feats, n_max: int, dim: int) -> list:
     """Every rank's ``[n_i, dim]`` float32 features (``None``: no batch this round), all ranks
     taking part; rank 0 gets them as CPU tensors, the others get an empty list."""
@@ -129,6 +137,7 @@ def gather_features(d: Dist, feats, n_max: int, dim: int) -> list:
         return []
     return [g[:c].cpu() if c else None for g, c in zip(got, counts)]
 
+
 def broadcast_mask(d: Dist, mask) -> "object":
     """Rank 0's ``[N]`` uint8 numpy mask on every rank (the others pass an array of the size)."""
     if d.world == 1:
@@ -143,18 +152,22 @@ def broadcast_mask(d: Dist, mask) -> "object":
 
 # --------------------------------------------------------------------------- launching
 
+
 def available_cores() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def threads_per_process(nproc: int, cores: int | None = None) -> int:
     """CPU threads for each of ``nproc`` processes sharing this machine's cores."""
     return max(1, (available_cores() if cores is None else cores) // nproc)
 
+
 def torchrun_command(nproc: int, module_args: Sequence[str]) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m rose_select ...``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "rose_select", *module_args]
+
 
 def launch(command: str, cfg, nproc: int) -> int:
     """Run ``rose <command>`` with ``cfg`` in ``nproc`` processes on this machine under torchrun;

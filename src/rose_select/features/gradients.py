@@ -46,6 +46,7 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 # --------------------------------------------------------------------------- Adam preconditioning
 
+
 @dataclass
 class AdamState:
     """First/second Adam moments by canonical parameter name (LESS's preconditioning)."""
@@ -74,6 +75,7 @@ class AdamState:
         denom = torch.addcmul(v_term, g, g, value=1 - self.beta2).sqrt_()
         return torch.add(m_term, g, alpha=1 - self.beta1).div_(denom)
 
+
 def adam_transform(g: Tensor, m: Tensor, v: Tensor, beta1: float = 0.9, beta2: float = 0.999,
                    eps: float = 1e-8) -> Tensor:
     """LESS's Adam feature: ``m' / sqrt(v' + eps)`` with ``m' = b1 m + (1-b1) g`` and
@@ -84,6 +86,7 @@ def adam_transform(g: Tensor, m: Tensor, v: Tensor, beta1: float = 0.9, beta2: f
     v_new = beta2 * v.to(g.dtype) + (1 - beta2) * g * g
     return m_new / torch.sqrt(v_new + eps)
 
+
 def load_adam_state(ckpt_dir, model, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                     device="cpu") -> AdamState:
     """The checkpoint's Adam moments (``optimizer_state.safetensors``, or a Hugging Face Trainer's
@@ -92,12 +95,14 @@ def load_adam_state(ckpt_dir, model, *, beta1: float = 0.9, beta2: float = 0.999
 
 # --------------------------------------------------------------------------- LoRA modules
 
+
 @dataclass
 class LoraPair:
     a_name: str  # canonical parameter names
     b_name: str
     lora_A: torch.nn.Module
     lora_B: torch.nn.Module
+
 
 def lora_pairs(model) -> "OrderedDict[str, LoraPair]":
     """Every trainable LoRA (A, B) pair by lora_B canonical name; refuses other trainable params."""
@@ -125,16 +130,20 @@ def lora_pairs(model) -> "OrderedDict[str, LoraPair]":
             raise ConfigError(f"LoRA module {p.b_name!r} has a bias; only bias-free LoRA is supported")
     return pairs
 
+
 def param_numels(model) -> "OrderedDict[str, int]":
     return OrderedDict((n, p.numel()) for n, p in lora_parameters(model).items())
 
 # --------------------------------------------------------------------------- the engine
 
+
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
+
 def forward_logits(model, batch: dict) -> Tensor:
     return model(**model_inputs(batch), use_cache=False).logits
+
 
 def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
     """Log-probabilities of the response tokens only, packed: ``(logp [n], row [n])``.
@@ -165,10 +174,12 @@ def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
     targets = labels[:, 1:][keep[:, :-1]]
     return packed_logprobs(logits, targets), keep.nonzero()[:, 0]
 
+
 def _autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
 
 class _Emitter:
     """Receives per-row gradient blocks, Adam-transforms them, and adds them to ``out``."""
@@ -187,12 +198,14 @@ class _Emitter:
         else:
             self.projector.accumulate(self.out, name, g)
 
+
 def _exact_offsets(numels: dict) -> tuple[dict, int]:
     offsets, start = {}, 0
     for n, k in numels.items():
         offsets[n] = (start, start + k)
         start += k
     return offsets, start
+
 
 class _GradientHooks:
     """The hooks of one forward/backward: forward hooks keep each LoRA layer's inputs (``x`` of
@@ -257,6 +270,7 @@ class _GradientHooks:
             self.emb.append(output)
             return output
 
+
 def _item_map(rows: int, device, row_to_item, n_items, adam) -> tuple[Tensor, int]:
     """Which item each batch row belongs to, and how many items (Adam needs one row per item)."""
     row_to_item = (torch.arange(rows, device=device) if row_to_item is None
@@ -267,12 +281,14 @@ def _item_map(rows: int, device, row_to_item, n_items, adam) -> tuple[Tensor, in
                           "(use it with the SFT loss only)")
     return row_to_item, n_items
 
+
 def _check_losses(losses: Tensor, n_items: int, ids: Sequence[str]) -> None:
     if losses.shape != (n_items,):
         raise ValueError(f"loss_fn returned shape {list(losses.shape)}, expected [{n_items}]")
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     if bad:
         raise NonFiniteError(f"non-finite loss for {len(bad)} item(s): {[ids[i] for i in bad][:20]}")
+
 
 def per_example_features(model, batch: dict, loss_fn: LossFn, projector=None, *,
                          row_to_item: Tensor | Sequence[int] | None = None, n_items: int | None = None,
@@ -313,6 +329,7 @@ def per_example_features(model, batch: dict, loss_fn: LossFn, projector=None, *,
     _check_finite(out, ids)
     return out
 
+
 def _check_finite(out: Tensor, ids: Sequence[str]) -> None:
     bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
     if bad:
@@ -320,14 +337,17 @@ def _check_finite(out: Tensor, ids: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- losses as row functions
 
+
 def sft_loss_fn(model, batch: dict) -> Tensor:
     """Per-row SFT loss (mean token cross-entropy over response tokens)."""
     logp, rows = response_logprobs(model, batch)
     return sft_loss_from_packed(logp, rows, batch["labels"].shape[0])
 
+
 def _sequence_logprob(model, batch: dict) -> Tensor:
     logp, rows = response_logprobs(model, batch)
     return sum_per_row(logp, rows, batch["labels"].shape[0])
+
 
 def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
     """DPO loss per triple for a batch of ``2n`` rows: rows ``[:n]`` chosen, ``[n:]`` rejected.
@@ -353,10 +373,12 @@ def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
 
     return fn
 
+
 def pair_row_to_item(n: int, device="cpu") -> Tensor:
     return torch.arange(n, device=device).repeat(2)
 
 # --------------------------------------------------------------------------- the LESS-style reference
+
 
 def loop_features(model, batches: Sequence[dict], loss_fn: LossFn, projector=None, *,
                   adam: AdamState | None = None, out_dtype=torch.float32) -> Tensor:

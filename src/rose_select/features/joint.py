@@ -32,10 +32,12 @@ from rose_select.modeling import load_model
 
 REFS = ("auto", "base", "self")
 
+
 def pair_scale(ref: str) -> str:
     """What a pairwise store's rows carry: the DPO gradient (``dpo``) or the same direction with
     the per-triple weight ``sigma(-z)`` replaced by 1/2 (``unweighted``, ``ref: auto``)."""
     return "unweighted" if ref == "auto" else "dpo"
+
 
 def load_reference(ref: str, model_dtype: str, device):
     """The pairwise reference: ``auto`` runs as ``self`` (the same numbers, sigma(0) = 1/2, and no
@@ -47,6 +49,7 @@ def load_reference(ref: str, model_dtype: str, device):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
 
 class RowLogprobs:
     """``loss_fn`` of the joint pass: ``-log pi(y_r | x)`` per batch row (summed over the
@@ -63,6 +66,7 @@ class RowLogprobs:
         self.count = sum_per_row(torch.ones_like(logp, dtype=torch.float32), rows, n)
         return -sum_per_row(logp, rows, n)
 
+
 def reference_logprobs(model, batch: dict, ref) -> Tensor | None:
     """``[rows]`` reference log-probabilities: adapters off (``base``), a separate model, or None
     (``auto``/``self``: the policy itself, z = 0)."""
@@ -78,6 +82,7 @@ def reference_logprobs(model, batch: dict, ref) -> Tensor | None:
             logp, rows = response_logprobs(ref, batch)
     return sum_per_row(logp.float(), rows, batch["labels"].shape[0])
 
+
 def combine(rows: Tensor, pol: Tensor, count: Tensor, ref: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
     """``(pairwise [n, d], sft_chosen [n, d])`` from the ``[2n, d]`` per-row features
     ``G_r = proj(-grad log pi_r)`` (rows ``[:n]`` chosen, ``[n:]`` rejected)."""
@@ -88,6 +93,7 @@ def combine(rows: Tensor, pol: Tensor, count: Tensor, ref: Tensor | None, beta: 
     pairwise = weight[:, None].to(rows.dtype) * (rows[:n] - rows[n:])
     sft = rows[:n] / count[:n].clamp(min=1)[:, None].to(rows.dtype)
     return pairwise, sft
+
 
 def joint_features(model, batch: dict, projector, *, ref, beta: float, item_ids, autocast_dtype=None) -> Tensor:
     """``[n, 2 * dim]``: pairwise features in columns ``[:dim]``, sft_chosen in ``[dim:]``, of the

@@ -14,12 +14,14 @@ from pathlib import Path
 from rose_select.errors import StoreMismatchError
 from rose_select.features.store import FeatureStore, META
 
+
 @dataclass
 class Output:
     """One feature store of a job: its directory and the settings it is fingerprinted with."""
 
     path: str
     settings: dict
+
 
 def outputs(output: str, chosen_output: str | None, settings: dict) -> list[Output]:
     """A job's stores: ``output``, plus, for the joint validation pass, ``chosen_output`` with the
@@ -30,9 +32,11 @@ def outputs(output: str, chosen_output: str | None, settings: dict) -> list[Outp
     chosen.update(loss="sft_chosen", beta=None, ref=None)
     return [Output(output, {**settings, "pass": "joint"}), Output(chosen_output, {**chosen, "pass": "joint"})]
 
+
 def _store_kwargs(job, out: Output) -> dict:
     return dict(n_rows=len(job.ids), dim=job.projector.dim, dtype=job.store_dtype, settings=out.settings,
                 row_ids=job.ids, row_groups=job.groups)
+
 
 def _open_one(job, out: Output):
 
@@ -43,9 +47,11 @@ def _open_one(job, out: Output):
         return None
     return FeatureStore.open(out.path, **_store_kwargs(job, out))
 
+
 def open_existing(job) -> list:
     """Per output, the store to resume (after checking its settings), or None (not created yet)."""
     return [_open_one(job, out) for out in job.outputs]
+
 
 def done_mask(stores: list, n: int):
     """``[n]`` uint8, 1 where a row has features in every output (0 where an output is absent)."""
@@ -58,6 +64,7 @@ def done_mask(stores: list, n: int):
         else:
             done[store.pending()] = 0
     return done
+
 
 def write_round(job, stores: list, round_, got, done) -> tuple[list, int]:
     """Write the pending rows of a round's batches into every output (creating stores first if
@@ -72,6 +79,7 @@ def write_round(job, stores: list, round_, got, done) -> tuple[list, int]:
             store.write([rows[j] for j in keep], feats[keep, k * dim:(k + 1) * dim].numpy())
         written += len(keep)
     return stores, written
+
 
 def finalize(stores: list) -> None:
     for store in stores:

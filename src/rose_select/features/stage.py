@@ -64,6 +64,7 @@ FEATURIZE_VERSION = 3  # 2: one global batch plan; a fresh adapter is seeded; 3:
 
 STORE_DTYPES = ("float16", "float32")
 
+
 @dataclass
 class FeatureSettings:
     """How features are computed and stored, whatever the data: the ``featurize`` section of a run."""
@@ -97,6 +98,7 @@ class FeatureSettings:
         ]
         require(checks)
         getattr(super(), "__post_init__", lambda: None)()
+
 
 @dataclass
 class FeaturizeConfig(ModelSettings, FeatureSettings):
@@ -147,6 +149,7 @@ class FeaturizeConfig(ModelSettings, FeatureSettings):
 
 # --------------------------------------------------------------------------- helpers
 
+
 def autocast_dtype(cfg: FeaturizeConfig, device):
     import torch
 
@@ -156,17 +159,20 @@ def autocast_dtype(cfg: FeaturizeConfig, device):
         return torch.bfloat16 if cfg.model_dtype == "float32" else None
     return getattr(torch, cfg.autocast)
 
+
 def _in_file(err: DataError, path: str) -> DataError:
     """The same problem, with the data file named (tokenisation knows only the record)."""
     if err.path is not None:
         return err
     return DataError(err.problem, path=path, line=err.line, record=err.record, field=err.field)
 
+
 def _encode_all(items, encode, path: str) -> list:
     try:
         return [encode(item) for item in items]
     except DataError as e:
         raise _in_file(e, path) from None
+
 
 def _load_items(cfg: FeaturizeConfig, tokenizer):
     """(ids, groups, encodings) where an encoding is a list of rows (1 row, or chosen+rejected)."""
@@ -191,6 +197,7 @@ def _load_items(cfg: FeaturizeConfig, tokenizer):
                                     record=f"{t.id} ({side})", pair=True)]
     return ids, groups, _encode_all(triples, encode, cfg.data)
 
+
 def plan_batches(encs, batch_size: int) -> list[list[int]]:
     """Batches over every row, whatever the number of processes: rows sorted by (longest
     sequence, index), then chunked. A row's features depend on its batch (padding width), so one
@@ -198,9 +205,11 @@ def plan_batches(encs, batch_size: int) -> list[list[int]]:
     order = sorted(range(len(encs)), key=lambda i: (max(len(e["input_ids"]) for e in encs[i]), i))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
+
 def plan_rounds(batches: list[list[int]], world: int) -> list[list[list[int]]]:
     """Whole batches dealt round-robin: round ``k`` gives batch ``k * world + r`` to rank ``r``."""
     return [batches[k:k + world] for k in range(0, len(batches), world)]
+
 
 def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: str | None,
                          data_sha: str) -> dict:
@@ -228,10 +237,12 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
         "autocast": cfg.autocast,
     }
 
+
 def _settings_token(settings: dict) -> int:
     """63-bit hash of the settings, local paths left out (nodes may mount data elsewhere)."""
 
     return int(sha256_json({k: v for k, v in settings.items() if k not in ("data", "checkpoint")})[:15], 16)
+
 
 def _file_sha(path: str) -> str:
 
@@ -239,6 +250,7 @@ def _file_sha(path: str) -> str:
     return sha256_file(p) if p.is_file() else f"not-a-file:{path}"
 
 # --------------------------------------------------------------------------- preparing a job
+
 
 @dataclass
 class _Job:
@@ -259,6 +271,7 @@ class _Job:
     store_dtype: str
     ref: object = None  # the joint pass's reference ("auto", "base", "self" or a model)
 
+
 def _load_lora_model(cfg: FeaturizeConfig, device):
     """The base model with the checkpoint's adapter (or a fresh one, seeded by ``cfg.seed``);
     only LoRA parameters take gradients. Returns (model, adapter sha256 or None)."""
@@ -277,6 +290,7 @@ def _load_lora_model(cfg: FeaturizeConfig, device):
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_A." in n or ".lora_B." in n)
     return model, adapter_sha
+
 
 def _prepare(cfg: FeaturizeConfig, device) -> _Job:
 
@@ -299,6 +313,7 @@ def _prepare(cfg: FeaturizeConfig, device) -> _Job:
 
 # --------------------------------------------------------------------------- batches
 
+
 def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
     """``[len(rows), k * dim]`` float32 features of one batch (k outputs), on the job's device."""
 
@@ -320,6 +335,7 @@ def _batch_features(cfg: FeaturizeConfig, job: _Job, rows: list[int]):
                              f"({cfg.model}) and checkpoint ({cfg.checkpoint}) for NaN/inf weights") from None
     return feats.float()
 
+
 def _round(cfg: FeaturizeConfig, job: _Job, d, stores, round_, done) -> tuple[list, int]:
     """One round: every rank computes its batch (if it has one), rank 0 writes them all; a
     failure anywhere stops every rank. Returns (stores, rows written)."""
@@ -334,6 +350,7 @@ def _round(cfg: FeaturizeConfig, job: _Job, d, stores, round_, done) -> tuple[li
     outcome, err = D.attempt(lambda: sink.write_round(job, stores, round_, got, done))
     D.agree(d, err)
     return outcome
+
 
 def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, stores, rounds, done, stop_after: int | None):
     """All rounds, with a progress bar on rank 0. Returns (stores, finished)."""
@@ -353,6 +370,7 @@ def _run_rounds(cfg: FeaturizeConfig, job: _Job, d, stores, rounds, done, stop_a
     return stores, True
 
 # --------------------------------------------------------------------------- the stage
+
 
 def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None,
                   stats: dict | None = None) -> Path:
@@ -394,10 +412,12 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
 
 # --------------------------------------------------------------------------- CLI hooks
 
+
 def add_cli_arguments(command: str, parser) -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes on this machine: >1 starts torchrun with that many (default 1; "
                              "for several machines run torchrun yourself, see the README)")
+
 
 def handle_cli(command: str, args) -> int | None:
     if args.nproc == 1:

@@ -70,7 +70,6 @@ def representations(model, tokenizer, encodings, *, pooling: str, batch_size: in
     """Final-layer hidden states, mean-pooled over real tokens or taken at the last token (RDS)."""
     import torch
 
-
     out = []
     model.eval()
     for i in range(0, len(encodings), batch_size):

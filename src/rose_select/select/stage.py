@@ -37,6 +37,7 @@ from rose_select.tokenization import TokenizeConfig
 # methods each applies to: a preset fixes its own direction and centring.
 ROSE_OPTIONS = {"direction": "pairwise", "chosen_weight": 0.0, "center": False, "standardize": False, "balanced": False}
 
+
 def applicable_options(method: str) -> tuple[str, ...]:
     """The ``ROSE_OPTIONS`` that ``method`` uses (a run's select section applies them only there)."""
     if method == "rose":
@@ -47,12 +48,14 @@ def applicable_options(method: str) -> tuple[str, ...]:
         return ("standardize", "balanced")
     return ()
 
+
 def method_settings(settings: "SelectSettings", method: str) -> dict:
     """A run's select section for one method: every setting, with the options ``method`` does not
     use reset to their defaults (so one section serves every method of a run)."""
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SelectSettings)}
     unused = {k: v for k, v in ROSE_OPTIONS.items() if k not in applicable_options(method)}
     return {**values, **unused}
+
 
 @dataclass
 class SelectSettings:
@@ -79,6 +82,7 @@ class SelectSettings:
         if self.rds_pooling not in ("mean", "last"):
             raise ConfigError(f"rds_pooling must be mean|last, got {self.rds_pooling!r}")
         getattr(super(), "__post_init__", lambda: None)()
+
 
 @dataclass
 class SelectConfig(ModelSettings, SelectSettings):
@@ -124,6 +128,7 @@ class SelectConfig(ModelSettings, SelectSettings):
         if self.balanced and self.quotas:
             raise ConfigError("balanced selection and per-source quotas cannot be combined")
 
+
 def _fingerprint(cfg: SelectConfig) -> dict:
     """Everything the selection depends on: the settings and the inputs' contents."""
 
@@ -134,6 +139,7 @@ def _fingerprint(cfg: SelectConfig) -> dict:
               "stores_meta_sha256": stores,
               "warmup_lrs": warmup_lrs(cfg.warmup_dir) if cfg.warmup_dir and not cfg.checkpoint_weights else None}
     return {"config": {k: v for k, v in to_dict(cfg).items() if k != "output"}, "inputs": inputs}
+
 
 def _existing(out: Path, fp: dict) -> bool:
     """True if ``out`` already holds this very selection; refuse one made with other settings."""
@@ -154,6 +160,7 @@ def _existing(out: Path, fp: dict) -> bool:
         raise StoreMismatchError(f"{out} exists but holds no selection config.json (not a selection, or "
                                  f"made by an older rose-select); use another output directory or delete {out}")
     return False
+
 
 def run_select(cfg: SelectConfig) -> Path:
     """Score the pool with ``cfg.method`` and write the selection directory: complete or absent
@@ -191,12 +198,14 @@ def run_select(cfg: SelectConfig) -> Path:
 
 # ------------------------------------------------------------------------------------- CLI hooks
 
+
 def add_cli_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", nargs="+", metavar="SELECTION",
                         help="print the Jaccard overlap table of selection directories (and, when one "
                              "has per-subtask scores, every selection's share per best-matching subtask) and exit")
     parser.add_argument("--plot-dir", default=None,
                         help="with --compare: also write overlap.png and subtask_share.png here")
+
 
 def handle_cli(command: str, args) -> int | None:
     if not args.compare:

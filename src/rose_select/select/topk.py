@@ -23,11 +23,13 @@ from rose_select.plots import _corr, _ranks
 from rose_select.records import InstructionRecord
 from rose_select.tables import markdown
 
+
 def count_for_fraction(fraction: float, n: int) -> int:
     """``ceil(fraction * n)``, at least 1, robust to float error (0.07 * 100 gives 7, not 8)."""
     if not 0 < fraction <= 1:
         raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}")
     return max(1, math.ceil(fraction * n - 1e-9))
+
 
 def rank_order(scores: np.ndarray, ids: Sequence[str] | None = None) -> np.ndarray:
     """Pool indices from best to worst (score descending, then index ascending)."""
@@ -39,6 +41,7 @@ def rank_order(scores: np.ndarray, ids: Sequence[str] | None = None) -> np.ndarr
         names = [str(ids[i]) if ids is not None else f"row {i}" for i in nan[:10]]
         raise NonFiniteError(f"{len(nan)} NaN score(s): {names}")
     return np.argsort(-scores, kind="stable")
+
 
 def _quota_counts(quotas: Mapping[str, float | int], present: set[str], budget: int) -> dict[str, int]:
     """A float in [0, 1] is a share of the selection budget (rounded half up); an int is a count."""
@@ -61,6 +64,7 @@ def _quota_counts(quotas: Mapping[str, float | int], present: set[str], budget: 
         raise ConfigError(f"quotas {counts} add up to {sum(counts.values())} examples, "
                           f"more than the selection size {budget}")
     return counts
+
 
 def select_top(scores: np.ndarray, *, fraction: float | None = 0.05, count: int | None = None,
                ids: Sequence[str] | None = None, sources: Sequence[str] | None = None,
@@ -109,6 +113,7 @@ def select_top(scores: np.ndarray, *, fraction: float | None = 0.05, count: int 
         chosen[order[~chosen[order]][:rest]] = True
     return order[chosen[order]]
 
+
 def select_balanced(per_group: np.ndarray, count: int) -> np.ndarray:
     """Subtask-balanced selection: round robin over the subtasks (columns, in order), each taking
     its best row (``per_group[:, s]`` descending, ties by index) not yet taken, until ``count`` rows
@@ -132,12 +137,15 @@ def select_balanced(per_group: np.ndarray, count: int) -> np.ndarray:
                 break
     return np.array(out, dtype=np.int64)
 
+
 def response_chars(record: InstructionRecord) -> int:
     """Characters of a record's assistant turns (the length a length diagnostic ranks by)."""
     return sum(len(m.content) for m in record.messages if m.role == "assistant")
 
+
 # Above this |Spearman| between scores and response length a selection summary warns.
 LENGTH_WARN = 0.5
+
 
 def length_spearman(scores: np.ndarray, lengths: Sequence[int]) -> float | None:
     """Spearman rank correlation of scores and response lengths (None if either is constant)."""
@@ -147,19 +155,23 @@ def length_spearman(scores: np.ndarray, lengths: Sequence[int]) -> float | None:
 
 # ---------------------------------------------------------------------------- writing
 
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
 
 def _shares(values: Sequence[str]) -> dict[str, float]:
     counts = Counter(values)
     total = sum(counts.values())
     return {k: c / total for k, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
 
+
 def _stats(x: np.ndarray) -> dict:
     x = x[np.isfinite(x)]
     if len(x) == 0:
         return {"min": None, "max": None, "mean": None, "std": None}
     return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "std": float(x.std())}
+
 
 def selected_row(record: InstructionRecord, score: float) -> dict:
     """The pool's own record plus ``id`` and ``score``; LESS messages format if there is no raw."""
@@ -171,6 +183,7 @@ def selected_row(record: InstructionRecord, score: float) -> dict:
     row["id"] = record.id
     row["score"] = _finite_or_none(score)
     return row
+
 
 def summary_table(summary: dict) -> str:
     """A short plain-text table of a selection summary."""
@@ -197,6 +210,7 @@ def summary_table(summary: dict) -> str:
             lines.append(f"  {name:<{width}}  {100 * share:7.1f}%")
     return "\n".join(lines)
 
+
 def _best_subtasks(per_group, group_names, n: int) -> list[str] | None:
     """Each pool row's best-matching subtask (None without per-subtask scores)."""
     if per_group is None:
@@ -205,6 +219,7 @@ def _best_subtasks(per_group, group_names, n: int) -> list[str] | None:
         raise ConfigError(f"per_group has shape {np.shape(per_group)}, expected "
                           f"({n}, {None if group_names is None else len(group_names)})")
     return [group_names[k] for k in np.argmax(per_group, axis=1)]
+
 
 def selection_summary(pool_records, scores: np.ndarray, selected_idx: np.ndarray, best, method: str,
                       extra: Mapping | None) -> dict:
@@ -225,6 +240,7 @@ def selection_summary(pool_records, scores: np.ndarray, selected_idx: np.ndarray
         **dict(extra or {}),
     }
 
+
 def _selection_plots(out_dir: Path, scores: np.ndarray, summary: dict, best) -> None:
 
     method = summary["method"]
@@ -235,6 +251,7 @@ def _selection_plots(out_dir: Path, scores: np.ndarray, summary: dict, best) -> 
     if best is not None:
         P.share_bar_chart({"pool": _shares(best), "selected": summary["share_per_subtask"]},
                           out_dir / "subtask_share.png", title=f"{method}: share per best-matching subtask")
+
 
 def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[InstructionRecord],
                     scores: np.ndarray, selected_idx: np.ndarray, *,
@@ -279,6 +296,7 @@ def write_selection(out_dir: str | os.PathLike, pool_records: Sequence[Instructi
 
 # ---------------------------------------------------------------------------- comparing
 
+
 def _id_rows(path: Path):
     """Rows of a JSONL file that each carry an ``id``; bad lines raise DataError naming the line."""
     with open(path) as f:
@@ -293,6 +311,7 @@ def _id_rows(path: Path):
                 raise DataError("missing", path=str(path), line=line_no, field="id")
             yield row
 
+
 def read_selection(path: str | os.PathLike) -> list[str]:
     """Ids of a selection, best first: a selection directory or its ``selected.jsonl``."""
     path = Path(path)
@@ -302,10 +321,12 @@ def read_selection(path: str | os.PathLike) -> list[str]:
         raise DataError("selection file not found", path=str(path))
     return [str(row["id"]) for row in _id_rows(path)]
 
+
 def jaccard(a_ids: Sequence[str], b_ids: Sequence[str]) -> float:
     """|A ∩ B| / |A ∪ B| of two id sets (1.0 when both are empty)."""
     a, b = set(a_ids), set(b_ids)
     return 1.0 if not a and not b else len(a & b) / len(a | b)
+
 
 def overlap_table(selections: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, str]:
     """Pairwise Jaccard matrix of named selections, and the same as a markdown table."""
@@ -315,6 +336,7 @@ def overlap_table(selections: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, 
         len(names), len(names))
     rows = [{"": name, **{other: f"{v:.3f}" for other, v in zip(names, mat[i])}} for i, name in enumerate(names)]
     return mat, markdown(rows, ["", *names], right=names)
+
 
 def read_best_subtasks(path: str | os.PathLike) -> dict[str, str] | None:
     """id -> best-matching subtask from a selection directory's ``scores.jsonl``; None when the
@@ -328,6 +350,7 @@ def read_best_subtasks(path: str | os.PathLike) -> dict[str, str] | None:
             return None
         best[str(row["id"])] = str(row["best_subtask"])
     return best
+
 
 def subtask_shares(selections: Mapping[str, Sequence[str]], best_subtask: Mapping[str, str]
                    ) -> dict[str, dict[str, float]]:
@@ -345,6 +368,7 @@ def subtask_shares(selections: Mapping[str, Sequence[str]], best_subtask: Mappin
         out[name] = {c: counts.get(c, 0) / total for c in cats}
     return out
 
+
 def reference_subtask_shares(selections: Mapping[str, Sequence[str]],
                              dirs: Mapping[str, str | os.PathLike]) -> tuple[dict | None, str | None]:
     """``(subtask_shares, reference name)`` with subtasks assigned by the first of ``dirs`` (name ->
@@ -354,6 +378,7 @@ def reference_subtask_shares(selections: Mapping[str, Sequence[str]],
         if best is not None:
             return subtask_shares(selections, best), name
     return None, None
+
 
 def shares_table(shares: Mapping[str, Mapping[str, float]], label: str = "subtask") -> str:
     """Markdown table: one row per category, one column per selection (percent)."""

@@ -34,12 +34,14 @@ from rose_select.train.checkpoints import HF_STATE, step_log, write_checkpoint
 
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 
+
 def optimizer_file(ckpt_dir) -> Path | None:
     """The Trainer's pickled optimizer state in ``ckpt_dir``, if there is one."""
     for name in OPTIMIZER_FILES:
         if (Path(ckpt_dir) / name).is_file():
             return Path(ckpt_dir) / name
     return None
+
 
 def trainer_param_order(model) -> list[str]:
     """Canonical names of the trainable parameters in the order of the Trainer's param groups."""
@@ -48,6 +50,7 @@ def trainer_param_order(model) -> list[str]:
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [n for n, p in model.named_parameters() if p.requires_grad]
     return [canonical_name(n) for n in named if n in decay] + [canonical_name(n) for n in named if n not in decay]
+
 
 def _load_state_dict(path: Path) -> dict:
     import torch
@@ -61,6 +64,7 @@ def _load_state_dict(path: Path) -> dict:
         raise CheckpointError(f"{path}: not an optimizer state_dict (expected a dict with 'state' and 'param_groups')")
     return sd
 
+
 def _names_by_key(sd: dict, path: Path, model) -> dict:
     """Optimizer-state key -> canonical parameter name."""
     state, groups = sd["state"], sd.get("param_groups") or []
@@ -73,6 +77,7 @@ def _names_by_key(sd: dict, path: Path, model) -> dict:
                               f"trainable ones (e.g. {order[:2]}); was it saved for other LoRA target modules, "
                               "or with other trainable parameters (modules_to_save)?")
     return dict(zip(keys, order))
+
 
 def read_trainer_moments(ckpt_dir, model) -> tuple[dict, dict]:
     """``({name: (exp_avg, exp_avg_sq)}, {step, beta1, beta2, eps})`` from a Trainer checkpoint's
@@ -102,6 +107,7 @@ def read_trainer_moments(ckpt_dir, model) -> tuple[dict, dict]:
     betas = group.get("betas", (0.9, 0.999))
     return moments, {"step": max(steps), "beta1": betas[0], "beta2": betas[1], "eps": group.get("eps", 1e-8)}
 
+
 def checkpoint_moments(ckpt_dir, model) -> dict:
     """Adam moments of ``model``'s LoRA parameters from a checkpoint in either format: the
     project's ``optimizer_state.safetensors``, else a Trainer's ``optimizer.pt``/``.bin``."""
@@ -110,6 +116,7 @@ def checkpoint_moments(ckpt_dir, model) -> dict:
     return load_optimizer_state(ckpt_dir, list(lora_parameters(model)))[0]
 
 # --------------------------------------------------------------------------- Trainer state
+
 
 def _state(path: Path) -> SimpleNamespace:
     """A Trainer's ``trainer_state.json`` as an object with the fields ``step_log`` reads."""
@@ -124,6 +131,7 @@ def _state(path: Path) -> SimpleNamespace:
 
 # --------------------------------------------------------------------------- import a run
 
+
 def trainer_checkpoints(source) -> list[Path]:
     """A checkpoint directory itself, or the ``checkpoint-<step>/`` directories of a run, by step."""
     source = Path(source)
@@ -136,6 +144,7 @@ def trainer_checkpoints(source) -> list[Path]:
         raise CheckpointError(f"{source}: neither a checkpoint (adapter_config.json) nor a run with checkpoint-*/ "
                               f"directories; found {sorted(p.name for p in source.iterdir())[:10]}")
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
 
 def _skeleton(model_name: str, ckpt: Path):
     """The base model with the checkpoint's LoRA layout on the meta device: parameter names,
@@ -150,6 +159,7 @@ def _skeleton(model_name: str, ckpt: Path):
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+
 
 def _import_one(ckpt: Path, target: Path, model, epoch: int) -> None:
     """One Trainer checkpoint as ``ckpt-<epoch>/``: its adapter, its moments by name, the epoch's
@@ -170,6 +180,7 @@ def _import_one(ckpt: Path, target: Path, model, epoch: int) -> None:
         (tmp / HF_STATE).write_bytes((ckpt / "trainer_state.json").read_bytes())
 
     write_checkpoint(target, fill, epoch=epoch, step=state.global_step, steps=steps, imported_from=str(ckpt))
+
 
 def import_trainer_run(source, output, *, model: str) -> Path:
     """Convert a LESS / Hugging Face Trainer run into warm-up checkpoints ``output/ckpt-<epoch>/``

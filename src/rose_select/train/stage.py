@@ -76,6 +76,7 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 ENGINE = "hf-trainer-1"  # in the fingerprint: runs of the former hand-written loop are not resumed
 
+
 @dataclass
 class Schedule:
     """The optimisation schedule: the ``warmup`` and ``train`` sections of a run."""
@@ -139,6 +140,7 @@ class TrainConfig(ModelSettings, Schedule):
         if len(chosen) > 1:
             raise ConfigError(f"give one of selection / fraction / full, got {chosen}")
 
+
 @dataclass
 class WarmupConfig(TrainConfig):
     """The warm-up run: a random 5% of the pool, a checkpoint with Adam moments per epoch."""
@@ -154,12 +156,14 @@ class WarmupConfig(TrainConfig):
 
 # ---------------------------------------------------------------------------- small pure helpers
 
+
 def choose_subset(n: int, fraction: float, seed: int) -> list[int]:
     """Sorted indices of a seeded random ``fraction`` of ``n`` items (at least one)."""
     k = max(1, round(fraction * n))
     return sorted(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False).tolist())
 
 # ---------------------------------------------------------------------------- data
+
 
 def _records_for(cfg: TrainConfig, default_fraction: float | None) -> tuple[list[InstructionRecord], dict]:
     """The records to train on and a description of where they came from (for the fingerprint)."""
@@ -180,6 +184,7 @@ def _records_for(cfg: TrainConfig, default_fraction: float | None) -> tuple[list
         return pool, source
     return [pool[i] for i in choose_subset(len(pool), fraction, cfg.seed)], source
 
+
 def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfig) -> tuple[list[dict], list[str], list[str]]:
 
     encoded, ids, skipped = [], [], []
@@ -198,6 +203,7 @@ def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfi
 
 # ---------------------------------------------------------------------------- checkpoints
 
+
 def save_checkpoint(ckpt_dir: Path, model, optimizer, state, *, extra: dict | None = None) -> None:
     """``ckpt-<epoch>/`` of the epoch a Trainer ``state`` just finished: adapter, Adam moments by
     name, the epoch's steps (``trainer_state.json``) and the Trainer's own state, renamed whole."""
@@ -215,6 +221,7 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, state, *, extra: dict | No
                      steps_per_epoch=per_epoch, total_steps=state.max_steps,
                      epoch_mean_loss=float(np.mean([s["loss"] for s in mine])) if mine else 0.0, **(extra or {}))
 
+
 def _resume_view(ckpt: Path, tmp: Path) -> Path:
     """A directory to hand the Trainer as ``resume_from_checkpoint``: links to the checkpoint's
     files, with the Trainer's state under the name the Trainer reads (``trainer_state.json``
@@ -226,6 +233,7 @@ def _resume_view(ckpt: Path, tmp: Path) -> Path:
     return tmp
 
 # ---------------------------------------------------------------------------- the Trainer
+
 
 def training_arguments(cfg: TrainConfig, run_dir: Path):
     """The ``TrainingArguments`` of a run (the paper's schedule and optimizer, a log per step)."""
@@ -252,6 +260,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path):
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=False)
+
 
 def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: Path, *, checkpoints: bool,
          resume: Path | None):
@@ -280,6 +289,7 @@ def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: 
     trainer.model.eval()
     return trainer, skipped
 
+
 def _prepare_run(cfg: TrainConfig, chosen: Sequence[InstructionRecord], source: dict, extra: dict | None = None):
     """(run dir, TrainingArguments, whether this call created the dir): the config is checked or
     written by the main process first (under torchrun every process gets here)."""
@@ -294,6 +304,7 @@ def _prepare_run(cfg: TrainConfig, chosen: Sequence[InstructionRecord], source: 
                 write_json(run_dir / name, content)
     return run_dir, args, created
 
+
 def _fit_or_undo(cfg, args, chosen, run_dir: Path, created: bool, *, checkpoints: bool):
     """``_fit``, resuming after the last complete checkpoint; a first run that fails before its
     first result leaves no directory behind."""
@@ -307,6 +318,7 @@ def _fit_or_undo(cfg, args, chosen, run_dir: Path, created: bool, *, checkpoints
         raise
 
 # ---------------------------------------------------------------------------- stages
+
 
 def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = None) -> Path:
     """Warm-up LoRA training on a seeded random fraction of the pool (default 5%), one checkpoint
@@ -327,6 +339,7 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
     if args.process_index == 0:  # also repairs logs of a run killed right after a checkpoint
         rundir.logs_from_checkpoints(run_dir, cfg.epochs)
     return run_dir
+
 
 def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = None) -> Path:
     """Final LoRA training on a selection file, a random fraction, or the full pool; writes
@@ -354,6 +367,7 @@ def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = No
 
 # ---------------------------------------------------------------------------- CLI hooks
 
+
 def add_cli_arguments(command: str, parser) -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes on this machine: >1 starts torchrun with that many, data-parallel "
@@ -362,6 +376,7 @@ def add_cli_arguments(command: str, parser) -> None:
         parser.add_argument("--import", dest="import_dir", default=None, metavar="DIR",
                             help="convert a LESS / Hugging Face Trainer run (checkpoint-*/ with a peft adapter, "
                                  "optimizer.pt or optimizer.bin, trainer_state.json) into this format at --output")
+
 
 def handle_cli(command: str, args) -> int | None:
 
