@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rose_select.cli import main
+from rose_select.cli import STAGES, main
 from rose_select.config import compose, from_dict, load_yaml
 from rose_select.errors import ConfigError
 from rose_select.evaluation import EvalConfig
@@ -152,3 +152,12 @@ def test_run_training_sections_reach_warmup_and_final_training(tmp_path):
     warm, train = training_configs(cfg, tmp_path / "run", "pool.jsonl")
     assert (warm.epochs, warm.gradient_checkpointing, warm.report_to) == (3, True, "tensorboard")
     assert (train.lr, train.mixed_precision, train.weight_decay, train.gradient_checkpointing) == (3e-4, "none", 0.1, False)
+
+
+@pytest.mark.parametrize("command", [*STAGES, "data", "answer"])
+def test_every_command_prints_its_help(command, capsys):
+    """``rose X --help`` prints and exits 0 (a help text with a bare "%" once crashed argparse)."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert f"rose {command}" in capsys.readouterr().out

@@ -205,6 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "") -> 
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if help_text and default is not None and default != "":
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         parser.add_argument(flag, dest=name, default=None, help=help_text or None,
                             metavar=name.split(".")[-1].upper())
     for old in getattr(cls, "RENAMED", {}):  # hidden, so the rename error names the new key
