@@ -9,8 +9,15 @@ import pytest
 from rose_select.config import from_dict
 from rose_select.data import load_preferences
 from rose_select.errors import ConfigError
-from rose_select.experiments import (ExperimentConfig, checkpoint_sets, correlations, first_k_prompts,
-                                     run_experiment, target_name, write_triples_jsonl)
+from rose_select.experiments import (
+    ExperimentConfig,
+    checkpoint_sets,
+    correlations,
+    first_k_prompts,
+    run_experiment,
+    target_name,
+    write_triples_jsonl,
+)
 from rose_select.records import Message, PreferenceTriple
 
 TOPICS = ["bread", "physics", "law", "cats"]
@@ -95,6 +102,23 @@ def test_table1_subtasks_figure3_share_runs(tmp_path, tiny_model_dir, capsys):
         assert p["val/loss_pairwise"] > 0 and p["val/loss_sft"] > 0
     assert res["correlations"]["val/loss_pairwise vs accuracy [all]"]["n"] == 6
     assert (out / "figure3_sft.png").exists() and (out / "figure3_pairwise.png").exists()
+
+    # --seeds 2: seed 0 reuses the runs above; seed 1 offsets the run's and the projection's seeds
+    capsys.readouterr()
+    cfg.experiment, cfg.seeds = "table1", 2
+    out = run_experiment(cfg)
+    printed = capsys.readouterr().out
+    assert "run bake_val: finished before" in printed and "run seed-1/bake_val\n" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert sorted({(r["seed"], r["target"]) for r in res["rows"]}) == [
+        (s, t) for s in (0, 1) for t in ("bake_val", "court_val")]
+    import yaml
+    seed1 = yaml.safe_load((tmp_path / "exp" / "runs" / "seed-1" / "bake_val" / "config.yaml").read_text())
+    assert seed1["seed"] == cfg.base.seed + 1 and seed1["featurize"]["seed"] == cfg.base.featurize.seed + 1
+    stat = next(s for s in res["seed_statistics"] if (s["method"], s["target"]) == ("random", "court_val"))
+    accs = [r["rewards/accuracies"] for r in res["rows"] if (r["method"], r["target"]) == ("random", "court_val")]
+    assert stat["seeds"] == 2 and stat["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert "mean [95% t-interval over seeds]" in (out / "table.md").read_text()
 
 
 def test_table3_and_figure4(tmp_path, tiny_model_dir):

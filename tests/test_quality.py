@@ -10,8 +10,18 @@ import numpy as np
 import pytest
 
 from rose_select.errors import ConfigError
-from rose_select.quality import (PlantedRow, auc, length_scores, mean_interval, paired_wins, plant_pool,
-                                 selection_metrics, spearman, wilson_interval)
+from rose_select.experiments import DEFAULT_TARGETS
+from rose_select.quality import (
+    PlantedRow,
+    auc,
+    length_scores,
+    mean_interval,
+    paired_wins,
+    plant_pool,
+    selection_metrics,
+    spearman,
+    wilson_interval,
+)
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
 from rose_select.select.scoring import standardize_groups, validation_directions
 from rose_select.select.topk import select_balanced, select_top
@@ -136,12 +146,12 @@ def test_pairwise_store_is_the_summed_difference_of_the_sft_stores(tiny_model_di
     """What the variants rely on: the DPO gradient of a triple points along
     n_w * grad(mean NLL of y_w) - n_l * grad(mean NLL of y_l) (summed log-probs), and the
     length-normalised direction is sft_chosen - sft_rejected."""
+    from rose_select.data import load_preferences
     from rose_select.features.stage import FeaturizeConfig, run_featurize
-    from rose_select.modeling import load_tokenizer
     from rose_select.features.store import open_features
+    from rose_select.modeling import load_tokenizer
     from rose_select.testing import write_lora_checkpoint
     from rose_select.tokenization import TokenizeConfig, encode_triple
-    from rose_select.data import load_preferences
 
     ckpt = write_lora_checkpoint(tiny_model_dir, tmp_path / "ckpt")
     prefs = tmp_path / "prefs.jsonl"
@@ -180,7 +190,9 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
             "warmup": {"fraction": 0.25, "epochs": 2, "lr": 1e-3, "batch_size": 4, "grad_accum": 1},
             "featurize": {"projection": "sjlt", "dim": 32, "batch_size": 8}, "select": {"fraction": 0.1}}
     cfg = tmp_path / "q.yaml"
-    cfg.write_text(yaml.safe_dump({"base": base, "output_dir": str(tmp_path / "exp")}))
+    base["train"] = {"epochs": 1, "lr": 1e-3, "batch_size": 4, "grad_accum": 1}
+    cfg.write_text(yaml.safe_dump({"base": base, "output_dir": str(tmp_path / "exp"),
+                                   "targets": DEFAULT_TARGETS[:2], "downstream_methods": ["rose_plus", "length"]}))
     assert main(["experiment", "quality", "--config", str(cfg), "--quick", "true", "--seeds", "2"]) == 0
     out = tmp_path / "exp" / "quality"
     res = json.loads((out / "results.json").read_text())
@@ -208,6 +220,55 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
     pair_rows = [r for r in res["rows"] if r["target"] == "shp_5_shot" and r["method"] == "rose"]
     assert a["seeds"] == 2 and a["pairs"]["n"] == sum(r["n_pairs"] for r in pair_rows)
     assert a["domain_precision"]["mean"] == pytest.approx(np.mean([r["domain_precision"] for r in pair_rows]))
+    _check_downstream(res, out)
+    # a rerun trains and evaluates nothing again (every step is stamped with its config and inputs)
+    stamps = sorted(out.glob("seed-*/*/downstream/*/*/done.json"))
+    before = [p.stat().st_mtime_ns for p in stamps]
+    assert main(["experiment", "quality", "--config", str(cfg), "--quick", "true", "--seeds", "2"]) == 0
+    assert [p.stat().st_mtime_ns for p in stamps] == before and len(stamps) == 2 * 2 * 2 * 2
+
+
+def _check_downstream(res: dict, out) -> None:
+    """Every downstream row is its model's metrics.json; the evaluation pairs exclude the validation
+    and the planted prompts and are the same for every method of a seed and target."""
+    from rose_select.data import find_heldout_file, load_preferences
+    from rose_select.data.builtin import resolve_input
+    from rose_select.data.heldout import prompt_key
+
+    rows = res["downstream_rows"]
+    assert {(r["seed"], r["target"], r["method"]) for r in rows} == {
+        (s, t, m) for s in (0, 1) for t in ("shp_5_shot", "se_2_shot") for m in ("rose_plus", "length")}
+    for target in DEFAULT_TARGETS[:2]:
+        larger = load_preferences(str(find_heldout_file(resolve_input(target))))
+        name = "shp_5_shot" if "shp" in target else "se_2_shot"
+        for seed in (0, 1):
+            sdir = out / f"seed-{seed}"
+            truth = json.loads((sdir / "truth.json").read_text())
+            pool = [json.loads(line) for line in open(sdir / "pool.jsonl")]
+            planted = {tuple((m["role"], m["content"]) for m in rec["messages"][:-1])
+                       for rec, t in zip(pool, truth) if t["domain"] == name}
+            assert planted
+            seen = []
+            for method in ("rose_plus", "length"):
+                edir = sdir / name / "downstream" / method / "eval"
+                metrics = json.loads((edir / "metrics.json").read_text())["overall"]
+                row = next(r for r in rows if (r["seed"], r["target"], r["method"]) == (seed, name, method))
+                assert row["accuracy"] == metrics["rewards/accuracies"] and row["n_pairs"] == metrics["n"]
+                seen.append(metrics["n"])
+            n_subtasks = len({t.subtask for t in larger})
+            assert seen[0] == seen[1] and 0 < seen[0] <= 2 * n_subtasks
+    from rose_select.quality_downstream import evaluation_pairs
+    target = DEFAULT_TARGETS[1]
+    planted = {prompt_key(t) for t in load_preferences(str(find_heldout_file(resolve_input(target))))[:5]}
+    pairs = evaluation_pairs(load_preferences(str(find_heldout_file(resolve_input(target)))),
+                             load_preferences(resolve_input(target)), planted, None)
+    validation = {prompt_key(t) for t in load_preferences(resolve_input(target))}
+    assert pairs and all(prompt_key(t) not in planted | validation and t.chosen != t.rejected for t in pairs)
+    agg = {(a["target"], a["method"]): a for a in res["downstream"]}
+    a = agg[("se_2_shot", "length")]
+    accs = [r["accuracy"] for r in rows if (r["target"], r["method"]) == ("se_2_shot", "length")]
+    assert a["seeds"] == 2 and a["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert (out / "quality_downstream_accuracy.png").exists()
 
 
 def test_selection_summary_has_the_length_diagnostic(tmp_path):

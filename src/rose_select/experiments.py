@@ -15,7 +15,8 @@ so an experiment costs one warm-up and one pool featurization per model. Each ex
                evaluated on one fixed held-out set (the prompts beyond the largest k).
 - ``table9``   transfer: select with ``base.model``, train and evaluate each of ``models``.
 - ``quality``  selection benchmark with known ground truth: target pairs planted in a generic pool
-               (``quality.py``); selection only, no training; ``--seeds N`` for intervals.
+               (``quality.py``); with ``downstream_methods`` also a model trained on each listed
+               selection (``quality_downstream.py``); ``--seeds N`` for intervals.
 
 The table1, subtasks and figure3 experiments use the same runs: whichever runs first pays for them.
 """
@@ -48,7 +49,9 @@ from rose_select.pipeline import (
 )
 from rose_select.plots import _corr, _ranks
 from rose_select.quality import quality as run_quality
+from rose_select.quality import set_name
 from rose_select.select.stage import METHODS
+from rose_select.stats import fmt_interval, mean_interval
 from rose_select.tables import markdown
 from rose_select.train.stage import run_train
 
@@ -73,10 +76,12 @@ class ExperimentConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 5, 10], metadata={"help": "figure4: shots per subtask"})
     shots_source: str = field(default=f"{BUILTIN}rose_data/validation/shp/shp_20_shot/shp_20_shot_preference.json", metadata={"help": "figure4: preference file the k-shot sets are cut from"})
     output_dir: str = field(default="runs/experiments", metadata={"help": "experiment directory (runs and tables)"})
-    seeds: int = field(default=1, metadata={"help": "quality: seeds (planted prompts, warm-up subset, projection); mean and 95% interval"})
+    seeds: int = field(default=1, metadata={"help": "table1, quality: seeds (warm-up subset, projection, training order; quality: also the planted prompts); mean and 95% interval"})
     quick: bool = field(default=False, metadata={"help": "quality: a small pool (30 generic records, 1 planted prompt per subtask)"})
     generic_records: int = field(default=200, metadata={"help": "quality: generic pool records sampled from base.pool"})
     plant_per_subtask: dict = field(default_factory=lambda: {"shp": 3, "se": 5, "hh": 10}, metadata={"help": "quality: planted prompts per subtask, by set name (YAML)"})
+    downstream_methods: list[str] = field(default_factory=list, metadata={"help": "quality: rows of the benchmark (e.g. rose, rose_plus+balanced, random, length) to fine-tune on and evaluate on held-out pairs (default: none, selection only)"})
+    downstream_pairs_per_subtask: dict = field(default_factory=dict, metadata={"help": "quality: evaluation pairs per subtask, by set name (YAML; absent: every pair left; 0: no downstream for that set)"})
 
     def __post_init__(self):
 
@@ -93,6 +98,13 @@ class ExperimentConfig:
             raise ConfigError(f"seeds must be >= 1 and generic_records >= 0, got {self.seeds}, {self.generic_records}")
         if self.experiment == "figure4" and (not self.shots or min(self.shots) < 1):
             raise ConfigError(f"figure4 needs shots >= 1, got {self.shots}")
+
+    def downstream_pairs(self, target: str) -> int | None:
+        """quality: evaluation pairs per subtask of ``target`` (None: all; ``--quick``: 2)."""
+        if self.quick:
+            return 2
+        n = self.downstream_pairs_per_subtask.get(set_name(target))
+        return None if n is None else int(n)
 
     def method_list(self) -> list[str]:
 
@@ -179,28 +191,50 @@ def _method_rows(run: Path, methods: list[str], **labels) -> list[dict]:
     return rows
 
 
-def _target_runs(cfg: ExperimentConfig) -> dict[str, Path]:
-    """One run per target; each target has its own held-out pairs (never the base config's)."""
+def _target_runs(cfg: ExperimentConfig, seed: int = 0) -> dict[str, Path]:
+    """One run per target; each target has its own held-out pairs (never the base config's).
+    ``seed`` > 0 offsets the run's seed (warm-up subset, LoRA init, training order) and the
+    projection's, under ``runs/seed-<seed>/``; seed 0 is the single-seed run."""
     heldouts = cfg.heldouts or [None] * len(cfg.targets)
-    return {target_name(t): _run(cfg, target_name(t), validation=t, select={"methods": cfg.method_list()},
-                                 evaluate={"heldout": h}) for t, h in zip(cfg.targets, heldouts)}
+    prefix, changes = "", {}
+    if seed:
+        prefix = f"seed-{seed}/"
+        changes = {"seed": cfg.base.seed + seed, "featurize": {"seed": cfg.base.featurize.seed + seed}}
+    return {target_name(t): _run(cfg, prefix + target_name(t), validation=t, select={"methods": cfg.method_list()},
+                                 evaluate={"heldout": h}, **changes) for t, h in zip(cfg.targets, heldouts)}
 
 # ------------------------------------------------------------------------------------- experiments
 
 
 def table1(cfg: ExperimentConfig, out: Path) -> dict:
-
-    runs = _target_runs(cfg)
-    rows = [r for name, run in runs.items() for r in _method_rows(run, cfg.method_list(), target=name)]
+    """Every method on every target; with ``seeds`` > 1 the mean and 95% t-interval over seeds."""
+    per_seed = [_target_runs(cfg, seed) for seed in range(cfg.seeds)]
+    rows = [r for seed, runs in enumerate(per_seed) for name, run in runs.items()
+            for r in _method_rows(run, cfg.method_list(), target=name, seed=seed)]
+    targets = list(per_seed[0])
+    stats = seed_statistics(rows)
     wide = {}
-    for r in rows:
-        wide.setdefault(r["method"], {"method": r["method"]})[r["target"]] = r["rewards/accuracies"]
-    plots.share_bar_chart({t: {m: w.get(t) or 0.0 for m, w in wide.items()} for t in runs}, out / "table1.png",
-                          title="held-out preference accuracy (implicit reward vs the base model)",
+    for (method, target), st in stats.items():
+        wide.setdefault(method, {"method": method})[target] = fmt_interval(st["accuracy"], 3)
+    plots.share_bar_chart({t: {m: stats[(m, t)]["accuracy"]["mean"] or 0.0 for m in wide} for t in targets},
+                          out / "table1.png", title="held-out preference accuracy (implicit reward vs the base model)",
                           ylabel="rewards/accuracies")
-    md = ("Held-out preference accuracy (`rewards/accuracies`) per method and target:\n\n"
-          + markdown(list(wide.values()), ["method", *runs]) + "\n\nAll metrics:\n\n" + markdown(rows))
-    return {"rows": rows, "markdown": md, "runs": {k: str(v) for k, v in runs.items()}}
+    n = {t: next(r["n_heldout"] for r in rows if r["target"] == t) for t in targets}
+    md = (f"Held-out preference accuracy (`rewards/accuracies`) per method and target, {cfg.seeds} seed(s)"
+          + (" (mean [95% t-interval over seeds])" if cfg.seeds > 1 else "") + "; held-out pairs: "
+          + ", ".join(f"{t} {n[t]}" for t in targets) + ".\n\n"
+          + markdown(list(wide.values()), ["method", *targets]) + "\n\nAll metrics:\n\n" + markdown(rows))
+    return {"rows": rows, "seed_statistics": [{"method": m, "target": t, **st} for (m, t), st in stats.items()],
+            "markdown": md, "runs": {f"seed-{s}/{k}": str(v) for s, runs in enumerate(per_seed) for k, v in runs.items()}}
+
+
+def seed_statistics(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(method, target) -> accuracy and margin as mean and 95% t-interval over the seeds' rows."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target"]), []).append(r)
+    return {key: {"seeds": len(rs), "accuracy": mean_interval([r["rewards/accuracies"] for r in rs]),
+                  "margin": mean_interval([r["rewards/margins"] for r in rs])} for key, rs in groups.items()}
 
 
 def subtasks(cfg: ExperimentConfig, out: Path) -> dict:

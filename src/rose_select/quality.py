@@ -39,14 +39,29 @@ from rose_select.data import (
 )
 from rose_select.data.heldout import prompt_key
 from rose_select.data.preferences import target_name
+from rose_select.errors import ConfigError
 from rose_select.features.stage import run_featurize
 from rose_select.io import write_json
-from rose_select.pipeline import _checkpoints, featurize_jobs, resolve_input, select_config, training_configs
+from rose_select.pipeline import (
+    _checkpoints,
+    featurize_jobs,
+    resolve_input,
+    select_config,
+    training_configs,
+)
 from rose_select.plots import _corr, _ranks
+from rose_select.quality_downstream import (
+    LENGTH_RULE,
+    aggregate_downstream,
+    downstream_markdown,
+    downstream_plot,
+    downstream_rows,
+)
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
 from rose_select.select.scoring import load_store_features
 from rose_select.select.stage import VARIANTS, run_select
 from rose_select.select.topk import read_selection, select_top
+from rose_select.stats import fmt_interval, mean_interval, wilson_interval
 from rose_select.train.stage import run_warmup
 
 GENERIC = "generic"
@@ -115,17 +130,6 @@ def plant_pool(generic: Sequence[InstructionRecord], planted: Mapping[str, Seque
 # ---------------------------------------------------------------------------- metrics
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (``successes`` may be fractional: ties count 1/2)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``positive`` rows vs the rest (Mann-Whitney; ties count 1/2)."""
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
@@ -183,35 +187,14 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return _corr(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
 
 
-# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: 1.96 is close enough
-# for a report; 2.23 at 10, 2.09 at 19)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def t975(dof: int) -> float:
-    return _T975[dof - 1] if dof <= len(_T975) else 1.96 + 2.4 / dof
-
-
-def mean_interval(values: Sequence[float]) -> dict:
-    """Mean and 95% t-interval over seeds (``lo``/``hi`` None for a single seed)."""
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
-    if len(v) == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0}
-    mean = float(v.mean())
-    if len(v) < 2:
-        return {"mean": mean, "lo": None, "hi": None, "n": 1}
-    half = float(t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(len(v))}
-
 # ---------------------------------------------------------------------------- the experiment
 
 
 QUICK = {"generic_records": 30, "plant": 1}
-LENGTH_RULE = "length"
 
 
-def _set_name(target: str) -> str:
-
+def set_name(target: str) -> str:
+    """The set a target file belongs to (``shp`` of ``shp_5_shot_preference.json``)."""
     info = shot_file_info(target)
     return info[0] if info else target_name(target)
 
@@ -220,12 +203,13 @@ def planted_counts(cfg) -> dict[str, int]:
     """Planted prompts per subtask for each target (``--quick``: one)."""
     if cfg.quick:
         return {t: QUICK["plant"] for t in cfg.targets}
-    return {t: int(cfg.plant_per_subtask.get(_set_name(t), 3)) for t in cfg.targets}
+    return {t: int(cfg.plant_per_subtask.get(set_name(t), 3)) for t in cfg.targets}
 
 
 def build_pool(cfg, seed: int, out_dir):
     """Write ``pool.jsonl`` and ``truth.json`` of one seed (skipped when both exist); returns
-    (pool path, ground truth). Planted prompts: each target's held-out file minus its prompts."""
+    (pool path, ground truth). Planted prompts: each target's held-out file minus its prompts,
+    and minus pairs whose two answers are the same."""
     import json
     from pathlib import Path
 
@@ -243,7 +227,8 @@ def build_pool(cfg, seed: int, out_dir):
     for target, held in zip(cfg.targets, heldouts):
         path = resolve_input(target)
         source = resolve_input(held) if held else str(find_heldout_file(path))
-        pairs = heldout_pairs(load_preferences(source), load_preferences(path))
+        pairs = [t for t in heldout_pairs(load_preferences(source), load_preferences(path))
+                 if t.chosen != t.rejected]  # a pair without a preference has no right order
         planted[target_name(target)] = take_per_subtask(pairs, counts[target], rng)
     records, truth = plant_pool(generic, planted, seed)
     write_pool_jsonl(records, pool_file)
@@ -286,9 +271,10 @@ def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
-    """One seed: planted pool, warm-up, features, every method's selection and its figures; and
-    per target the ``direction_geometry`` of the last checkpoint (None without the stores)."""
+def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict, list[dict]]:
+    """One seed: planted pool, warm-up, features, every method's selection and its figures; per
+    target the ``direction_geometry`` of the last checkpoint (None without the stores); and the
+    downstream rows of ``cfg.downstream_methods`` (quality_downstream.py)."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -324,7 +310,9 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict]:
         rows.append({"seed": seed, "target": name, "method": LENGTH_RULE,
                      **selection_metrics(lengths, select_top(lengths, count=k), truth, name),
                      "length_spearman": 1.0})
-    return rows, geometry
+    ks = {r["target"]: r["k"] for r in rows}
+    downstream = downstream_rows(cfg, base, out_dir, seed, pool, truth, ks) if cfg.downstream_methods else []
+    return rows, geometry, downstream
 
 
 def _geometry(seed_dir, run, ckpt: str, truth, domain: str) -> dict | None:
@@ -362,14 +350,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(stat: dict, digits: int = 2) -> str:
-    if stat["mean"] is None:
-        return "-"
-    if stat["lo"] is None:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
-
-
 def markdown_table(agg: list[dict]) -> str:
     """One row per target and method: the benchmark's figures (mean [95% interval] over seeds)."""
     head = ("| target | method | domain precision@k (base rate) | precision / base | preferred share of "
@@ -377,20 +357,25 @@ def markdown_table(agg: list[dict]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for a in agg:
         p = a["pairs"]
-        lines.append(f"| {a['target']} | {a['method']} | {_fmt(a['domain_precision'])} ({a['base_rate']:.2f}) | "
-                     f"{_fmt(a['precision_over_base'], 1)} | {_fmt(a['preferred_share'])} | "
+        lines.append(f"| {a['target']} | {a['method']} | {fmt_interval(a['domain_precision'])} ({a['base_rate']:.2f}) | "
+                     f"{fmt_interval(a['precision_over_base'], 1)} | {fmt_interval(a['preferred_share'])} | "
                      f"{p['accuracy']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}] (n={p['n']}) | "
-                     f"{_fmt(a['auc'])} | {_fmt(a['length_spearman'])} |")
+                     f"{fmt_interval(a['auc'])} | {fmt_interval(a['length_spearman'])} |")
     return "\n".join(lines)
 
 
 def quality(cfg, out) -> dict:
     """``rose experiment quality``: the planted-pool benchmark for every method and target."""
 
-    rows, geometry = [], {}
+    known = [label for label, _, _ in method_rows(cfg.method_list())] + [LENGTH_RULE]
+    unknown = [m for m in cfg.downstream_methods if m not in known]
+    if unknown:
+        raise ConfigError(f"downstream_methods: {unknown} are not rows of this benchmark; known: {known}")
+    rows, geometry, downstream = [], {}, []
     for seed in range(cfg.seeds):
-        seed_result, geometry[seed] = seed_rows(cfg, out, seed)
+        seed_result, geometry[seed], seed_downstream = seed_rows(cfg, out, seed)
         rows += seed_result
+        downstream += seed_downstream
     agg = aggregate(rows)
     targets = list(dict.fromkeys(a["target"] for a in agg))
     for key, title in (("precision_over_base", "domain precision@k / base rate"),
@@ -402,7 +387,14 @@ def quality(cfg, out) -> dict:
           "mean [95% interval over seeds] where there are several seeds; the pairs column pools every "
           "planted prompt of every seed (Wilson interval).\n\n" + markdown_table(agg)
           + geometry_markdown(geometry))
-    return {"rows": rows, "aggregate": agg, "geometry": geometry, "markdown": md}
+    result = {"rows": rows, "aggregate": agg, "geometry": geometry}
+    if downstream:
+        result.update(downstream_rows=downstream, downstream=aggregate_downstream(downstream))
+        downstream_plot(result["downstream"], out / "quality_downstream_accuracy.png")
+        md += ("\n\n## Downstream: the model trained on each selection\n\nHeld-out preference accuracy "
+               "(`rewards/accuracies`) on the target's pairs that were neither validation nor planted prompts; "
+               "every model of a seed and target on the same pairs.\n\n" + downstream_markdown(result["downstream"]))
+    return {**result, "markdown": md}
 
 
 def geometry_markdown(geometry: dict) -> str:
