@@ -22,6 +22,7 @@ length must not look reward-oriented.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -278,6 +279,7 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict, list[dict]]:
     from dataclasses import replace
     from pathlib import Path
 
+    started = time.perf_counter()
     out_dir = Path(out_dir) / f"seed-{seed}"
     pool, truth = build_pool(cfg, seed, out_dir)
     methods = cfg.method_list()
@@ -311,7 +313,9 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict, list[dict]]:
                      **selection_metrics(lengths, select_top(lengths, count=k), truth, name),
                      "length_spearman": 1.0})
     ks = {r["target"]: r["k"] for r in rows}
+    t0 = time.perf_counter()
     downstream = downstream_rows(cfg, base, out_dir, seed, pool, truth, ks) if cfg.downstream_methods else []
+    geometry["_seconds"] = {"selection": round(t0 - started, 1), "downstream": round(time.perf_counter() - t0, 1)}
     return rows, geometry, downstream
 
 
@@ -376,6 +380,7 @@ def quality(cfg, out) -> dict:
         seed_result, geometry[seed], seed_downstream = seed_rows(cfg, out, seed)
         rows += seed_result
         downstream += seed_downstream
+    seconds = {seed: g.pop("_seconds") for seed, g in geometry.items()}
     agg = aggregate(rows)
     targets = list(dict.fromkeys(a["target"] for a in agg))
     for key, title in (("precision_over_base", "domain precision@k / base rate"),
@@ -387,7 +392,9 @@ def quality(cfg, out) -> dict:
           "mean [95% interval over seeds] where there are several seeds; the pairs column pools every "
           "planted prompt of every seed (Wilson interval).\n\n" + markdown_table(agg)
           + geometry_markdown(geometry))
-    result = {"rows": rows, "aggregate": agg, "geometry": geometry}
+    md += "\n\nWall time per seed (s; work finished by an earlier invocation is reused): " + "; ".join(
+        f"seed {s}: selection {t['selection']}, downstream {t['downstream']}" for s, t in seconds.items())
+    result = {"rows": rows, "aggregate": agg, "geometry": geometry, "seconds_per_seed": seconds}
     if downstream:
         result.update(downstream_rows=downstream, downstream=aggregate_downstream(downstream))
         downstream_plot(result["downstream"], out / "quality_downstream_accuracy.png")
