@@ -11,6 +11,7 @@ import pytest
 
 from rose_select.errors import ConfigError
 from rose_select.experiments import DEFAULT_TARGETS
+from rose_select.stats import fmt_interval
 from rose_select.quality import (
     PlantedRow,
     auc,
@@ -269,6 +270,11 @@ def _check_downstream(res: dict, out) -> None:
     accs = [r["accuracy"] for r in rows if (r["target"], r["method"]) == ("se_2_shot", "length")]
     assert a["seeds"] == 2 and a["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert (out / "quality_downstream_accuracy.png").exists()
+    table = (out / "table.md").read_text()
+    glance = table.split("At a glance (means over seeds):")[1].split("\n\n")[1].splitlines()
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+    rose_plus = dict(zip(cells(glance[0]), cells(next(x for x in glance if x.startswith("| rose_plus |")))))
+    assert rose_plus["se_2_shot: trained model's accuracy"] == fmt_interval(agg[("se_2_shot", "rose_plus")]["accuracy"], 3)
 
 
 def test_selection_summary_has_the_length_diagnostic(tmp_path):

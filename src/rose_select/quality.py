@@ -356,6 +356,25 @@ def markdown_table(agg: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def glance_table(agg: list[dict], downstream: list[dict] | None = None) -> str:
+    """One row per method, per target: precision / base rate and pairs ranked right (mean over
+    seeds), and with ``downstream`` the trained model's held-out accuracy."""
+    targets = list(dict.fromkeys(a["target"] for a in agg))
+    trained = {(d["target"], d["method"]): d for d in downstream or []}
+    cols = [f"{t}: {c}" for t in targets for c in ("precision / base", "pairs right")
+            + (("trained model's accuracy",) if any(k[0] == t for k in trained) else ())]
+    rows = {}
+    for a in agg:
+        cells = rows.setdefault(a["method"], {})
+        cells[f"{a['target']}: precision / base"] = fmt_interval(a["precision_over_base"], 1)
+        cells[f"{a['target']}: pairs right"] = f"{a['pairs']['accuracy']:.2f}"
+        if (a["target"], a["method"]) in trained:
+            cells[f"{a['target']}: trained model's accuracy"] = fmt_interval(trained[(a["target"], a["method"])]["accuracy"], 3)
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {m} | " + " | ".join(c.get(k, "") for k in cols) + " |" for m, c in rows.items()]
+    return "\n".join(lines)
+
+
 def quality(cfg, out) -> dict:
     """``rose experiment quality``: the planted-pool benchmark for every method and target."""
 
@@ -386,6 +405,8 @@ def quality(cfg, out) -> dict:
     if downstream:
         result.update(downstream_rows=downstream, downstream=aggregate_downstream(downstream))
         downstream_plot(result["downstream"], out / "quality_downstream_accuracy.png")
+    md = "At a glance (means over seeds):\n\n" + glance_table(agg, result.get("downstream")) + "\n\n" + md
+    if downstream:
         md += ("\n\n## Downstream: the model trained on each selection\n\nHeld-out preference accuracy "
                "(`rewards/accuracies`) on the target's pairs that were neither validation nor planted prompts; "
                "every model of a seed and target on the same pairs.\n\n" + downstream_markdown(result["downstream"]))
