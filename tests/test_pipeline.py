@@ -131,3 +131,4 @@ def test_demo_config_loads():
 
     cfg = load_yaml(RunConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     assert cfg.model == "smollm2-135m" and cfg.select.methods == ["rose", "less", "random"]
+    assert RunConfig().select.methods == ["rose_plus", "rose", "less", "random"]  # the default

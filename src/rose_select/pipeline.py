@@ -52,7 +52,10 @@ class FeaturizeSection(FeatureSettings):
 
 @dataclass
 class SelectSection(SelectSettings):
-    methods: list[str] = field(default_factory=lambda: ["rose", "less", "random"], metadata={"help": "methods to compare"})
+    # rose_plus first: the planted-pool benchmark's best reward-oriented selection (README, "Does it
+    # select better data?"); the paper's rose beside it, exactly
+    methods: list[str] = field(default_factory=lambda: ["rose_plus", "rose", "less", "random"],
+                               metadata={"help": "methods to compare"})
 
     def __post_init__(self):
         super().__post_init__()
