@@ -1,5 +1,6 @@
 """End to end on the tiny model: warm-up -> featurize -> select -> train -> evaluate, then resume."""
 
+import dataclasses
 import json
 
 import pytest
@@ -132,3 +133,17 @@ def test_demo_config_loads():
     cfg = load_yaml(RunConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     assert cfg.model == "smollm2-135m" and cfg.select.methods == ["rose", "less", "random"]
     assert RunConfig().select.methods == ["rose_plus", "rose", "less", "random"]  # the default
+
+
+def test_default_methods_run_end_to_end(tmp_path, tiny_model_dir):
+    """A run config without ``select.methods`` runs rose_plus (first), rose, less and random, with
+    one joint validation pass feeding rose_plus's two validation stores."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    cfg.select = dataclasses.replace(cfg.select, methods=RunConfig().select.methods)
+    run = run_pipeline(cfg)
+    results = json.loads((run / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["base", "rose_plus", "rose", "less", "random"]
+    summary = json.loads((run / "select" / "rose_plus" / "summary.json").read_text())
+    assert summary["method"] == "rose_plus" and summary["n_selected"] == 10
+    assert (run / "features" / "ckpt-1" / "val_sft" / "meta.json").exists()
+    assert (run / "eval" / "rose_plus" / "metrics.json").exists()
