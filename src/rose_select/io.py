@@ -128,3 +128,15 @@ def content_fingerprint(directory: str | os.PathLike, *, head: int = 1 << 20, sa
                     fh.seek(head + max(0, size - head - block) * k // max(1, samples - 1))
                     h.update(fh.read(block))
     return h.hexdigest()
+
+
+def run_once(out: str | os.PathLike, fn: Callable[[], Any], stamp: Any) -> None:
+    """``fn()`` unless ``out/done.json`` holds exactly ``stamp`` (JSON: e.g. the step's config and
+    its inputs' hashes), which is written after ``fn`` returns: a killed or repeated step resumes,
+    a changed config reruns."""
+    want = json.loads(json.dumps(stamp))
+    done = Path(out) / "done.json"
+    if done.exists() and json.loads(done.read_text()) == want:
+        return
+    fn()
+    write_json(done, want)

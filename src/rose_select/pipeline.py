@@ -24,20 +24,46 @@ from rose_select.costs import (
     run_counts,
     tree_bytes,
 )
-from rose_select.data import find_heldout_file, heldout_pairs, load_preferences
+from rose_select.data import (
+    find_heldout_file,
+    first_per_subtask,
+    heldout_pairs,
+    load_preferences,
+)
 from rose_select.data.builtin import BUILTIN, resolve_input
 from rose_select.errors import ConfigError, DataError
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
 from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
 from rose_select.modeling import LoraSettings, ModelSettings
-from rose_select.select.methods import GRADIENT_METHODS, METHODS, VARIANTS, stores_needed
-from rose_select.select.stage import SelectConfig, SelectSettings, method_settings, run_select
-from rose_select.select.topk import overlap_table, read_selection, reference_subtask_shares, shares_table
+from rose_select.select.methods import (
+    GRADIENT_METHODS,
+    METHODS,
+    VARIANTS,
+    stores_needed,
+)
+from rose_select.select.stage import (
+    SelectConfig,
+    SelectSettings,
+    method_settings,
+    run_select,
+)
+from rose_select.select.topk import (
+    overlap_table,
+    read_selection,
+    reference_subtask_shares,
+    shares_table,
+)
 from rose_select.tables import markdown
 from rose_select.tokenization import TokenizeConfig
 from rose_select.train.checkpoints import read_warmup_checkpoints
-from rose_select.train.stage import Schedule, TrainConfig, WarmupConfig, run_train, run_warmup
+from rose_select.train.stage import (
+    Schedule,
+    TrainConfig,
+    WarmupConfig,
+    run_train,
+    run_warmup,
+)
 
 
 @dataclass
@@ -235,16 +261,8 @@ def heldout_triples(cfg: RunConfig, validation: str):
 
     kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
     source = resolve_input(cfg.evaluate.heldout) if cfg.evaluate.heldout else str(find_heldout_file(validation))
-    triples = heldout_pairs(load_preferences(source, **kw), load_preferences(validation, **kw))
-    n = cfg.evaluate.limit_per_subtask
-    if n:
-        seen: dict[str, int] = {}
-        kept = []
-        for t in triples:
-            seen[t.subtask] = seen.get(t.subtask, 0) + 1
-            if seen[t.subtask] <= n:
-                kept.append(t)
-        triples = kept
+    triples = first_per_subtask(heldout_pairs(load_preferences(source, **kw), load_preferences(validation, **kw)),
+                                cfg.evaluate.limit_per_subtask)
     if not triples:
         raise ConfigError(f"no held-out pairs: every prompt of {source} is used for selection")
     return source, triples

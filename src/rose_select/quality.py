@@ -36,13 +36,14 @@ from rose_select.data import (
     load_pool,
     load_preferences,
     shot_file_info,
+    with_preference,
     write_pool_jsonl,
 )
 from rose_select.data.heldout import prompt_key
 from rose_select.data.preferences import target_name
 from rose_select.errors import ConfigError
 from rose_select.features.stage import run_featurize
-from rose_select.io import write_json
+from rose_select.io import run_once, write_json
 from rose_select.pipeline import (
     _checkpoints,
     featurize_jobs,
@@ -228,8 +229,7 @@ def build_pool(cfg, seed: int, out_dir):
     for target, held in zip(cfg.targets, heldouts):
         path = resolve_input(target)
         source = resolve_input(held) if held else str(find_heldout_file(path))
-        pairs = [t for t in heldout_pairs(load_preferences(source), load_preferences(path))
-                 if t.chosen != t.rejected]  # a pair without a preference has no right order
+        pairs = with_preference(heldout_pairs(load_preferences(source), load_preferences(path)))
         planted[target_name(target)] = take_per_subtask(pairs, counts[target], rng)
     records, truth = plant_pool(generic, planted, seed)
     write_pool_jsonl(records, pool_file)
@@ -241,20 +241,6 @@ def _selected_indices(sel_dir, ids: list[str]) -> np.ndarray:
 
     where = {rid: i for i, rid in enumerate(ids)}
     return np.array([where[i] for i in read_selection(sel_dir)], dtype=np.int64)
-
-
-def _select_once(scfg) -> None:
-    """``run_select`` unless the directory holds a selection made with exactly this config."""
-    import json
-    from pathlib import Path
-
-    out = Path(scfg.output)
-    want = json.loads(json.dumps(to_dict(scfg)))
-    stamp = out / "select_config.json"
-    if stamp.exists() and (out / "scores.npy").exists() and json.loads(stamp.read_text()) == want:
-        return
-    run_select(scfg)
-    write_json(stamp, want)
 
 
 def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
@@ -299,7 +285,7 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict, list[dict]]:
         for label, method, options in method_rows(methods):
             scfg = select_config(base, run, out_dir, method, str(pool), validation, ckpts)
             scfg = replace(scfg, plots=False, output=str(run / "select" / label), **options)
-            _select_once(scfg)
+            run_once(scfg.output, lambda c=scfg: run_select(c), {"config": to_dict(scfg)})
             scores = np.load(Path(scfg.output) / "scores.npy", allow_pickle=False)
             sel = _selected_indices(scfg.output, ids)
             rows.append({"seed": seed, "target": name, "method": label,

@@ -21,7 +21,7 @@ import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -29,15 +29,17 @@ from rose_select import plots
 from rose_select.config import to_dict
 from rose_select.data import (
     find_heldout_file,
+    first_per_subtask,
     heldout_pairs,
     load_pool,
     load_preferences,
+    with_preference,
 )
 from rose_select.data.heldout import prompt_key
 from rose_select.data.preferences import target_name
 from rose_select.errors import ConfigError
 from rose_select.evaluation import run_evaluate
-from rose_select.io import sha256_file, write_json
+from rose_select.io import run_once, sha256_file
 from rose_select.pipeline import eval_config, resolve_input, training_configs
 from rose_select.records import InstructionRecord, PreferenceTriple
 from rose_select.select.topk import select_top, write_selection
@@ -58,27 +60,13 @@ def evaluation_pairs(larger: Sequence[PreferenceTriple], validation: Sequence[Pr
     """Held-out pairs no method saw: ``larger`` minus the validation prompts, the ``planted``
     prompts and pairs without a preference; the first ``per_subtask`` of each subtask in file
     order (all when None)."""
-    pairs = [t for t in heldout_pairs(larger, validation) if t.chosen != t.rejected and prompt_key(t) not in planted]
-    if per_subtask is None:
-        return pairs
-    seen: dict[str, int] = {}
-    kept = []
-    for t in pairs:
-        seen[t.subtask] = seen.get(t.subtask, 0) + 1
-        if seen[t.subtask] <= per_subtask:
-            kept.append(t)
-    return kept
+    pairs = with_preference(heldout_pairs(larger, validation))
+    return first_per_subtask([t for t in pairs if prompt_key(t) not in planted], per_subtask)
 
 
-def run_once(cfg, out: Path, fn: Callable, *, inputs: Sequence[str] = ()) -> None:
-    """``fn()`` unless ``out`` holds ``done.json`` stamped with exactly this config and these input
-    files' hashes (so a killed or repeated benchmark resumes; a changed config reruns)."""
-    want = json.loads(json.dumps({"config": to_dict(cfg), "inputs": [sha256_file(p) for p in inputs]}))
-    stamp = out / "done.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return
-    fn()
-    write_json(stamp, want)
+def _stamp(cfg, inputs: Sequence) -> dict:
+    """What a downstream step's ``done.json`` records: its config and its input files' hashes."""
+    return {"config": to_dict(cfg), "inputs": [sha256_file(p) for p in inputs]}
 
 
 def length_selection(out_dir: Path, records: Sequence[InstructionRecord], lengths: np.ndarray, k: int) -> Path:
@@ -115,12 +103,12 @@ def downstream_rows(cfg, base, seed_dir: Path, seed: int, pool: Path, truth: Seq
                    if label == LENGTH_RULE else seed_dir / name / "select" / label)
             tcfg = replace(train_cfg, full=False, selection=str(sel / "selected.jsonl"),
                            output=str(root / label / "train"))
-            run_once(tcfg, Path(tcfg.output), lambda c=tcfg: run_train(c), inputs=[tcfg.selection])
+            run_once(tcfg.output, lambda c=tcfg: run_train(c), _stamp(tcfg, [tcfg.selection]))
             ecfg = eval_config(base, output=root / label / "eval", test_prompts=False,
                                reference_cache=root / "reference_logps.npz",
                                adapter=str(Path(tcfg.output) / "adapter"))
-            run_once(ecfg, Path(ecfg.output), lambda c=ecfg: run_evaluate(c, triples=pairs),
-                     inputs=[str(Path(tcfg.output) / "adapter" / "adapter_model.safetensors")])
+            run_once(ecfg.output, lambda c=ecfg: run_evaluate(c, triples=pairs),
+                     _stamp(ecfg, [Path(tcfg.output) / "adapter" / "adapter_model.safetensors"]))
             overall = json.loads((Path(ecfg.output) / "metrics.json").read_text())["overall"]
             rows.append({"seed": seed, "target": name, "method": label, "k": targets_done[name],
                          "n_pairs": int(overall["n"]), "accuracy": float(overall["rewards/accuracies"]),

@@ -17,11 +17,16 @@ from rose_select.data.builtin import (
     DEMO_SNAPSHOT,
     DEMO_WINDOW,
     asset_path,
-    resolve_input,
     demo_pool,
+    resolve_input,
     sharegpt_package_file,
 )
-from rose_select.data.heldout import find_heldout_file, heldout_pairs
+from rose_select.data.heldout import (
+    find_heldout_file,
+    first_per_subtask,
+    heldout_pairs,
+    with_preference,
+)
 from rose_select.data.pools import POOL_FORMATS, load_pool, pool_row, write_pool_jsonl
 from rose_select.data.preferences import (
     KNOWN_SUBTASKS,
@@ -40,8 +45,8 @@ from rose_select.data.validate import ValidationReport, validate_file
 __all__ = [
     "BUILTIN", "resolve_input",
     "DEMO_MAX_CHARS", "DEMO_MAX_CHARS", "DEMO_PREFERENCES", "DEMO_SNAPSHOT", "DEMO_WINDOW", "DEMO_WINDOW", "KNOWN_SUBTASKS", "POOL_FORMATS", "PREFERENCE_FORMATS",
-    "SUBTASK_CAPS", "ValidationReport", "asset_path", "demo_pool", "find_heldout_file",
-    "heldout_pairs", "iter_json_array", "load_pool", "load_preferences", "load_sft_targets",
+    "SUBTASK_CAPS", "ValidationReport", "asset_path", "demo_pool", "find_heldout_file", "first_per_subtask",
+    "heldout_pairs", "with_preference", "iter_json_array", "load_pool", "load_preferences", "load_sft_targets",
     "load_test_prompts", "parse_transcript", "pool_row", "sharegpt_package_file", "shot_file_info",
     "subtask_layout", "subtask_sizes", "validate_file", "write_pool_jsonl",
 ]

@@ -22,6 +22,24 @@ def heldout_pairs(larger: Sequence[PreferenceTriple], selection: Sequence[Prefer
     return [t for t in larger if prompt_key(t) not in used]
 
 
+def with_preference(triples: Sequence[PreferenceTriple]) -> list[PreferenceTriple]:
+    """The triples whose two answers differ (a pair without a preference has no right order)."""
+    return [t for t in triples if t.chosen != t.rejected]
+
+
+def first_per_subtask(triples: Sequence[PreferenceTriple], n: int | None) -> list[PreferenceTriple]:
+    """The first ``n`` triples of each subtask, in file order (all when ``n`` is None or 0)."""
+    if not n:
+        return list(triples)
+    seen: dict[str, int] = {}
+    kept = []
+    for t in triples:
+        seen[t.subtask] = seen.get(t.subtask, 0) + 1
+        if seen[t.subtask] <= n:
+            kept.append(t)
+    return kept
+
+
 def find_heldout_file(selection_path) -> Path:
     """The largest-shot sibling of ``<set>_<k>_shot_preference.json`` (same dir or ``../<set>_<K>_shot/``)."""
     path = Path(selection_path)
