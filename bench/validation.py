@@ -8,9 +8,12 @@ Default: (before) two passes, ``val_pairwise`` with the DPO reference forward (`
 Rounds alternate the order so a load change on a shared machine hits both alike; the load average
 is printed.
 
-``--bf16``: pool (sft, Adam) and validation (pairwise, auto) featurization with ``model_dtype``
-float32 vs bfloat16: seconds, and the fidelity of the ROSE scores (Spearman vs float32) and of the
-features (cosine per row). Writes bench/results/validation.json or bf16.json.
+``--bf16``: pool (sft, Adam) and validation (pairwise, auto) featurization in float32 vs bf16:
+seconds, and the fidelity of the ROSE scores (Spearman vs float32, overlap of the top 10%) and of
+the features (cosine per row). ``--bf16-mode weights`` (default) loads the model in bfloat16;
+``autocast`` keeps float32 weights and runs the forward under CPU autocast (bf16 matrix products,
+float32 norms, softmax and residual stream); ``both`` measures the two. Writes
+bench/results/validation.json or bf16.json.
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def _top_overlap(x: np.ndarray, y: np.ndarray, fraction: float = 0.1) -> float:
+    k = max(1, int(round(fraction * len(x))))
+    return len(set(np.argsort(-x)[:k]) & set(np.argsort(-y)[:k])) / k
+
+
+BF16_VARIANTS = {"weights": dict(model_dtype="bfloat16"), "autocast": dict(autocast="bfloat16")}
+
+
 def bf16_fidelity(args, tmp: Path) -> dict:
     from rose_select.select.scoring import score_stores
 
@@ -90,22 +101,29 @@ def bf16_fidelity(args, tmp: Path) -> dict:
     pool_kw = dict(base, data=resolve_input(args.pool), data_kind="pool", limit=args.pool_limit, loss="sft")
     val_kw = dict(base, data=resolve_input(args.validation), data_kind="preference", limit=args.limit,
                   loss="pairwise", ref="auto")
+    variants = {"float32": {}, **{m: BF16_VARIANTS[m] for m in
+                                  (BF16_VARIANTS if args.bf16_mode == "both" else [args.bf16_mode])}}
     out, feats = {}, {}
     for k in range(args.rounds):
-        for dt in (["float32", "bfloat16"] if k % 2 == 0 else ["bfloat16", "float32"]):
-            d = tmp / f"{dt}{k}"
-            s = _timed(FeaturizeConfig(**pool_kw, model_dtype=dt, output=str(d / "pool")))
-            s += _timed(FeaturizeConfig(**val_kw, model_dtype=dt, output=str(d / "val")))
-            out.setdefault(dt, []).append(s)
-            feats[dt] = d
-            print(f"  round {k}: load {os.getloadavg()[0]:.2f}  {dt:9s} {s:7.1f} s", flush=True)
-    scores = {dt: score_stores([d / "pool"], [d / "val"], np.ones(1), progress=False)[0].scores for dt, d in feats.items()}
-    pf = {dt: np.array(open_features(d / "pool")[0], dtype=np.float64) for dt, d in feats.items()}
-    cos = (pf["float32"] * pf["bfloat16"]).sum(1) / (np.linalg.norm(pf["float32"], axis=1)
-                                                     * np.linalg.norm(pf["bfloat16"], axis=1))
-    return {"seconds": out, "bf16_vs_f32_time": sum(out["bfloat16"]) / sum(out["float32"]),
-            "spearman_scores": _spearman(scores["float32"], scores["bfloat16"]),
-            "pool_feature_cosine": {"mean": float(cos.mean()), "min": float(cos.min())}}
+        for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+            d = tmp / f"{name}{k}"
+            s = _timed(FeaturizeConfig(**pool_kw, **variants[name], output=str(d / "pool")))
+            s += _timed(FeaturizeConfig(**val_kw, **variants[name], output=str(d / "val")))
+            out.setdefault(name, []).append(s)
+            feats[name] = d
+            print(f"  round {k}: load {os.getloadavg()[0]:.2f}  {name:9s} {s:7.1f} s", flush=True)
+    scores = {n: score_stores([d / "pool"], [d / "val"], np.ones(1), progress=False)[0].scores for n, d in feats.items()}
+    pf = {n: np.array(open_features(d / "pool")[0], dtype=np.float64) for n, d in feats.items()}
+    res = {"seconds": out}
+    for name in variants:
+        if name == "float32":
+            continue
+        cos = (pf["float32"] * pf[name]).sum(1) / (np.linalg.norm(pf["float32"], axis=1) * np.linalg.norm(pf[name], axis=1))
+        res[name] = {"time_vs_float32": sum(out[name]) / sum(out["float32"]),
+                     "spearman_scores": _spearman(scores["float32"], scores[name]),
+                     "top10_overlap": _top_overlap(scores["float32"], scores[name]),
+                     "pool_feature_cosine": {"mean": float(cos.mean()), "min": float(cos.min())}}
+    return res
 
 
 def main(argv=None) -> int:
@@ -121,13 +139,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 vs float32 instead of before vs after")
+    ap.add_argument("--bf16-mode", choices=["weights", "autocast", "both"], default="weights",
+                    help="bf16 as model weights, as CPU autocast of float32 weights, or both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("ROSE_NO_PROGRESS", "1")
     with tempfile.TemporaryDirectory(prefix="rose-bench-") as tmp:
-        for dt in ("float32", "bfloat16") if args.bf16 else ("float32",):  # imports and first calls, untimed
-            run_featurize(FeaturizeConfig(**_common(args), data=resolve_input(args.validation), limit=2,
-                                          loss="pairwise", model_dtype=dt, output=f"{tmp}/warm-{dt}"))
+        warm = {"float32": {}, **(BF16_VARIANTS if args.bf16 else {})}
+        for name, kw in warm.items():  # imports and first calls, untimed
+            run_featurize(FeaturizeConfig(**_common(args), **kw, data=resolve_input(args.validation), limit=2,
+                                          loss="pairwise", output=f"{tmp}/warm-{name}"))
         res = bf16_fidelity(args, Path(tmp)) if args.bf16 else validation_passes(args, Path(tmp))
     res = {"setting": {k: v for k, v in vars(args).items() if k != "out"}, "cpu": CPU, **res}
     print(json.dumps({k: v for k, v in res.items() if k not in ("setting", "rounds")}, indent=1))

@@ -102,3 +102,19 @@ def test_sft_features_match_loop_projection(tiny_model_dir, ckpt, files, tmp_pat
     encs = [encode_record(r, tok, TokenizeConfig(max_length=64)) for r in load_pool(files[0])]
     ref = G.loop_features(model, [collate([e], tok.pad_token_id) for e in encs], G.sft_loss_fn, proj, adam=adam)
     np.testing.assert_allclose(feats, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_autocast_is_applied_and_auto_stays_float32(tiny_model_dir, ckpt, files, tmp_path, monkeypatch):
+    """``autocast: bfloat16`` on the CPU runs the forward in bf16 (it used to be ignored there in
+    silence): its features differ from float32's, yet point the same way; ``auto`` on the CPU is
+    float32, byte for byte."""
+    monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+    runs = {}
+    for name in ("none", "auto", "bfloat16"):
+        run_featurize(_cfg(tiny_model_dir, ckpt, files[0], tmp_path / name, autocast=name))
+        runs[name] = _read(tmp_path / name)[0]
+    assert runs["auto"].tobytes() == runs["none"].tobytes()
+    full, bf16 = runs["none"], runs["bfloat16"]
+    assert not np.array_equal(full, bf16)
+    cos = (full * bf16).sum(1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(bf16, axis=1))
+    assert cos.min() > 0.98, cos

@@ -39,11 +39,49 @@ def test_validation_bench_runs(tiny_model_dir, tmp_path):
                                          "chosen": "Mix flour." + " knead" * i, "rejected": "No."}) + "\n"
                              for i in range(4)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    for extra, key in (([], "after_vs_before"), (["--bf16"], "spearman_scores")):
+    for extra, keys in (([], ["after_vs_before"]), (["--bf16", "--bf16-mode", "both"],
+                                                     ["weights", "autocast"])):
         out = tmp_path / f"r{len(extra)}.json"
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "validation.py"), "--checkpoint", str(ckpt),
                                "--model", str(tiny_model_dir), "--validation", str(prefs), "--pool", str(pool),
                                "--dim", "32", "--max-length", "64", "--rounds", "1", "--out", str(out), *extra],
                               capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(out.read_text())[key] > 0
+        res = json.loads(out.read_text())
+        for key in keys:
+            got = res[key] if key == "after_vs_before" else res[key]["time_vs_float32"]
+            assert got > 0
+        if extra:
+            for mode in keys:
+                assert -1 <= res[mode]["spearman_scores"] <= 1 and 0 <= res[mode]["top10_overlap"] <= 1
+
+
+def test_floor_bench_counts_a_run(tiny_model_dir, tmp_path):
+    """``bench/floor.py`` on a tiny run: every stage has a FLOP count and a floor, a forward-only
+    evaluation token costs less than a featurized one, and the rows follow the config."""
+    pool, prefs, held = tmp_path / "pool.jsonl", tmp_path / "prefs.jsonl", tmp_path / "held.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"p{i}", "messages": [
+        {"role": "user", "content": "Tell me about bread." * (1 + i % 3)},
+        {"role": "assistant", "content": "Bread is baked." + " yes" * i}]}) + "\n" for i in range(10)))
+    for path, tag in ((prefs, "How"), (held, "Why")):
+        path.write_text("".join(json.dumps({"id": f"{tag}{i}", "subtask": f"s{i % 2}", "prompt": tag + "?" + "!" * i,
+                                            "chosen": "Mix flour." + " knead" * i, "rejected": "No."}) + "\n"
+                                for i in range(4)))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\npool: {pool}\nvalidation: {prefs}\n"
+                      "lora: {r: 4, alpha: 8}\ntokenize: {max_length: 64}\n"
+                      "warmup: {fraction: 0.2, epochs: 2, batch_size: 2}\nfeaturize: {dim: 32, batch_size: 2}\n"
+                      "select: {methods: [rose, random], fraction: 0.2}\ntrain: {epochs: 3, batch_size: 2}\n"
+                      f"evaluate: {{heldout: {held}, batch_size: 2}}\n")
+    out = tmp_path / "floor.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "ROSE_NO_PROGRESS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "floor.py"), "--config", str(config),
+                           "--sample", "4", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    per = res["flops_per_token"]
+    assert all(per[s] > 0 for s in ("pool", "validation", "train", "eval"))
+    assert 1.5 < per["pool"] / per["eval"] < 3.5  # forward + backward vs forward only
+    assert res["tokens"]["rows"] == {"pool": 20, "validation triples": 8, "train": 2 * 2 + 2 * 3 * 2,
+                                     "eval pairs": 4 * 3}
+    assert res["gemm_gflops"]["float32"] > 0 and res["floor_seconds"]["float32"] > 0

@@ -151,12 +151,18 @@ class FeaturizeConfig(ModelSettings, FeatureSettings):
 
 
 def autocast_dtype(cfg: FeaturizeConfig, device):
+    """The autocast dtype of the forward pass: ``auto`` is bf16 on CUDA for a float32 model and
+    none elsewhere; an explicit ``bfloat16``/``float16`` is honoured on any device (CPU autocast
+    runs the matrix products in bf16, AVX-512 BF16/AMX where the CPU has them)."""
     import torch
 
-    if cfg.autocast == "none" or device.type != "cuda":
+    if cfg.autocast == "none":
         return None
     if cfg.autocast == "auto":
-        return torch.bfloat16 if cfg.model_dtype == "float32" else None
+        return torch.bfloat16 if device.type == "cuda" and cfg.model_dtype == "float32" else None
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"autocast {cfg.autocast} is supported on cuda and cpu, not {device.type}; "
+                          "use autocast: none")
     return getattr(torch, cfg.autocast)
 
 
