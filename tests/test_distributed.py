@@ -178,3 +178,22 @@ def test_failing_rank_stops_every_rank_and_names_the_example(tmp_path, one_threa
     if out.exists():  # batches of earlier rounds may be on disk; p4 is not, and nothing is final
         assert np.load(out / "done.npy")[4] == 0
         assert not json.loads((out / "meta.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_leave_open_group_tears_down_a_group_left_open(finished):
+    """A stage run under torchrun whose library (the Trainer) left its gloo group open: the command
+    leaves it (with a barrier after success), so no rank exits with the group's threads alive;
+    without a group it does nothing."""
+    import torch.distributed as dist
+
+    from rose_select.features.distributed import leave_open_group
+
+    leave_open_group(finished)  # no group: nothing to do
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        leave_open_group(finished)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

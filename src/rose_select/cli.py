@@ -15,6 +15,7 @@ from rose_select import __version__
 from rose_select.config import add_arguments, from_args
 from rose_select.data import validate_file
 from rose_select.errors import RoseError, describe_os_error
+from rose_select.features.distributed import leave_open_group
 from rose_select.modeling import load_adapter, load_model, load_tokenizer
 from rose_select.records import Message
 from rose_select.runtime import configure_cpu, quiet_libraries
@@ -70,7 +71,12 @@ def _stage_main(name: str, argv: list[str]) -> int:
         if handled is not None:
             return handled
     cfg = from_args(cfg_cls, args, args.config)
-    result = fn(cfg)
+    finished = False
+    try:
+        result = fn(cfg)
+        finished = True
+    finally:
+        leave_open_group(finished)
     if result is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per rank
         print(result)
     return 0

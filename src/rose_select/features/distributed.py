@@ -81,6 +81,19 @@ def stop(d: Dist) -> None:
         dist.barrier()
         dist.destroy_process_group()
 
+def leave_open_group(finished: bool) -> None:
+    """Leave a process group a library opened and left open (the Trainer's, under ``torchrun``).
+    A process that exits with its gloo group alive can abort in the group's threads ("terminate
+    called without an active exception") while its peers still work. After a finished command the
+    ranks first meet at a barrier, so none tears down while another is inside a collective; after
+    a failure they do not (a dead peer would never arrive)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
 # --------------------------------------------------------------------------- collectives
 
 
