@@ -83,24 +83,27 @@ def _tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def flops_per_token(cfg: RunConfig, sample: int) -> dict:
-    """Matrix-product FLOPs per (non-pad) token of each pass, on the first ``sample`` rows."""
-    tok = load_tokenizer(cfg.model)
+def lora_model(cfg: RunConfig):
+    """The run's base model with a fresh LoRA adapter of its settings; only LoRA trains."""
     model = attach_lora(load_model(cfg.model, dtype=cfg.model_dtype, device="cpu"), cfg.lora)
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_A." in n or ".lora_B." in n)
+    return model
+
+
+def flops_per_token(cfg: RunConfig, model, tok, sample: int) -> dict:
+    """Matrix-product FLOPs per (non-pad) token of each pass, on the first ``sample`` rows, in
+    batches shaped as the stages shape them (a validation batch: chosen rows, then rejected)."""
     pool = [encode_record(r, tok, cfg.tokenize) for r in load_pool(resolve_input(cfg.pool), limit=sample)]
     triples = [encode_triple(t, tok, cfg.tokenize) for t in load_preferences(resolve_input(cfg.validation))[:sample // 2]]
-    pairs = [e[k] for k in ("chosen", "rejected") for e in triples]
     projector = make_projector(cfg.featurize.projection, cfg.featurize.dim, 0, dict(G.param_numels(model)))
     pad = tok.pad_token_id
 
-    def batches(rows, size):
-        return [collate(rows[k:k + size], pad) for k in range(0, len(rows), size)]
+    def chunks(items, size):
+        return [items[k:k + size] for k in range(0, len(items), size)]
 
-    def per_token(rows, size, step):
-        bs = batches(rows, size)
-        return sum(_flops(lambda b=b: step(b)) for b in bs) / sum(_tokens(b) for b in bs)
+    def per_token(batches, step):
+        return sum(_flops(lambda b=b: step(b)) for b in batches) / sum(_tokens(b) for b in batches)
 
     def train_step(b):
         G.sft_loss_fn(model, b).mean().backward()
@@ -115,22 +118,21 @@ def flops_per_token(cfg: RunConfig, sample: int) -> dict:
         with torch.no_grad():
             G.response_logprobs(model, b)
 
+    val_batches = [collate([e["chosen"] for e in c] + [e["rejected"] for e in c], pad)
+                   for c in chunks(triples, cfg.featurize.batch_size)]
+    pairs = [e[k] for e in triples for k in ("chosen", "rejected")]
     model.eval()
-    out = {"pool": per_token(pool, cfg.featurize.batch_size,
+    out = {"pool": per_token([collate(c, pad) for c in chunks(pool, cfg.featurize.batch_size)],
                              lambda b: G.per_example_features(model, b, G.sft_loss_fn, projector)),
-           "eval": per_token(pairs, cfg.evaluate.batch_size, eval_step)}
-    half = cfg.featurize.batch_size // 2 or 1  # a validation batch is `batch_size` triples, chosen + rejected rows
-    out["validation"] = sum(_flops(lambda rows=pairs[k:k + half] + pairs[len(triples) + k:len(triples) + k + half]:
-                                   val_step(collate(rows, pad))) for k in range(0, len(triples), half)) \
-        / sum(len(e["input_ids"]) for e in pairs)
+           "validation": per_token(val_batches, val_step),
+           "eval": per_token([collate(c, pad) for c in chunks(pairs, cfg.evaluate.batch_size)], eval_step)}
     model.train()
-    out["train"] = per_token(pool, cfg.train.batch_size, train_step)
+    out["train"] = per_token([collate(c, pad) for c in chunks(pool, cfg.train.batch_size)], train_step)
     return out
 
 
-def stage_tokens(cfg: RunConfig) -> dict:
+def stage_tokens(cfg: RunConfig, tok) -> dict:
     """Tokens each stage of the run processes (training rows: the mean pool row)."""
-    tok = load_tokenizer(cfg.model)
     pool = [len(encode_record(r, tok, cfg.tokenize)["input_ids"])
             for r in load_pool(resolve_input(cfg.pool), limit=cfg.pool_limit)]
     validation = resolve_input(cfg.validation)
@@ -149,18 +151,12 @@ def stage_tokens(cfg: RunConfig) -> dict:
                      "train": warm_rows + train_rows, "eval pairs": len(ev) * (len(cfg.select.methods) + 1)}}
 
 
-def gemm_rates(model_name: str, rows: int, repeats: int = 20) -> dict:
-    """Best GFLOP/s of float32 and bfloat16 matrix products at the model's layer shapes."""
-    from transformers import AutoConfig
-
-    from rose_select.modeling import resolve_model
-
-    conf = AutoConfig.from_pretrained(resolve_model(model_name))
-    h, inter = conf.hidden_size, conf.intermediate_size
+def gemm_rates(hidden: int, intermediate: int, rows: int, repeats: int = 20) -> dict:
+    """Best GFLOP/s of float32 and bfloat16 matrix products at a model's layer shapes."""
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         best = 0.0
-        for k, n in ((h, inter), (inter, h), (h, h)):
+        for k, n in ((hidden, intermediate), (intermediate, hidden), (hidden, hidden)):
             a, b = torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             for _ in range(3):
                 a @ b
@@ -194,9 +190,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = load_yaml(RunConfig, args.config)
     load1 = os.getloadavg()[0]
-    rates = gemm_rates(cfg.model, cfg.featurize.batch_size * cfg.tokenize.max_length)
-    per_tok = flops_per_token(cfg, args.sample)
-    tokens = stage_tokens(cfg)
+    tok, model = load_tokenizer(cfg.model), lora_model(cfg)
+    rates = gemm_rates(model.config.hidden_size, model.config.intermediate_size,
+                       cfg.featurize.batch_size * cfg.tokenize.max_length)
+    per_tok = flops_per_token(cfg, model, tok, args.sample)
+    tokens = stage_tokens(cfg, tok)
     measured = measured_seconds(Path(args.run)) if args.run else {}
     rows, total = [], {"flops": 0.0, "float32": 0.0, "bfloat16": 0.0, "measured": 0.0}
     for stage in ("pool", "validation", "train", "eval"):

@@ -94,6 +94,14 @@ def _top_overlap(x: np.ndarray, y: np.ndarray, fraction: float = 0.1) -> float:
 BF16_VARIANTS = {"weights": dict(model_dtype="bfloat16"), "autocast": dict(autocast="bfloat16")}
 
 
+def _variants(args) -> dict:
+    """The settings compared: float32, and the bf16 variant(s) of ``--bf16-mode`` with ``--bf16``."""
+    if not args.bf16:
+        return {"float32": {}}
+    modes = list(BF16_VARIANTS) if args.bf16_mode == "both" else [args.bf16_mode]
+    return {"float32": {}, **{m: BF16_VARIANTS[m] for m in modes}}
+
+
 def bf16_fidelity(args, tmp: Path) -> dict:
     from rose_select.select.scoring import score_stores
 
@@ -101,8 +109,7 @@ def bf16_fidelity(args, tmp: Path) -> dict:
     pool_kw = dict(base, data=resolve_input(args.pool), data_kind="pool", limit=args.pool_limit, loss="sft")
     val_kw = dict(base, data=resolve_input(args.validation), data_kind="preference", limit=args.limit,
                   loss="pairwise", ref="auto")
-    variants = {"float32": {}, **{m: BF16_VARIANTS[m] for m in
-                                  (BF16_VARIANTS if args.bf16_mode == "both" else [args.bf16_mode])}}
+    variants = _variants(args)
     out, feats = {}, {}
     for k in range(args.rounds):
         for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
@@ -145,8 +152,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("ROSE_NO_PROGRESS", "1")
     with tempfile.TemporaryDirectory(prefix="rose-bench-") as tmp:
-        warm = {"float32": {}, **(BF16_VARIANTS if args.bf16 else {})}
-        for name, kw in warm.items():  # imports and first calls, untimed
+        for name, kw in _variants(args).items():  # imports and first calls, untimed
             run_featurize(FeaturizeConfig(**_common(args), **kw, data=resolve_input(args.validation), limit=2,
                                           loss="pairwise", output=f"{tmp}/warm-{name}"))
         res = bf16_fidelity(args, Path(tmp)) if args.bf16 else validation_passes(args, Path(tmp))

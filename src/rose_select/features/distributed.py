@@ -73,13 +73,10 @@ def start(use_cuda: bool) -> Dist:
 
 
 def stop(d: Dist) -> None:
-    """Leave the process group together: a rank tearing down while a peer is still inside a
-    collective can make the peer abort."""
+    """Leave the process group this process joined, together (see ``leave_open_group``)."""
     if d.owns_group:
-        import torch.distributed as dist
+        leave_open_group(finished=True)
 
-        dist.barrier()
-        dist.destroy_process_group()
 
 def leave_open_group(finished: bool) -> None:
     """Leave a process group a library opened and left open (the Trainer's, under ``torchrun``).
