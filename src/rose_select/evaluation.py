@@ -30,15 +30,15 @@ from typing import Sequence
 import numpy as np
 
 from rose_select import data
+from rose_select.checkpoint import check_base_model
 from rose_select.config import require, to_dict
 from rose_select.data import load_test_prompts
 from rose_select.errors import ConfigError, DataError
-from rose_select.features.gradients import response_logprobs
 from rose_select.io import atomic_path, write_json, write_jsonl, write_text
 from rose_select.judge_http import HttpJudge, chat_completions_url
 from rose_select.judges import hh_text, load_judge
-from rose_select.losses import sft_loss_from_packed, sum_per_row
-from rose_select.modeling import ModelSettings, load_adapter, load_model, load_tokenizer
+from rose_select.losses import DpoSettings, response_logprobs, sft_loss_from_packed, sum_per_row
+from rose_select.modeling import ModelSettings, load_adapter, load_model, load_tokenizer, model_identity
 from rose_select.records import Message, PreferenceTriple
 from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tables import markdown
@@ -56,7 +56,6 @@ from rose_select.tokenization import (
 class EvalSettings:
     """How a model is measured, whatever the files: the ``evaluate`` section of a run."""
 
-    beta: float = field(default=0.1, metadata={"help": "DPO β of the implicit reward"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     judge: str | None = field(default=None, metadata={"help": "judge (win rate vs golden): a reward model or causal LM, or with judge_url the endpoint's model name"})
     judge_kind: str = field(default="auto", metadata={"help": "auto | reward | pairwise | http (http: with judge_url)"})
@@ -71,7 +70,6 @@ class EvalSettings:
 
     def __post_init__(self):
         checks = [
-            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.judge_kind in ("auto", "reward", "pairwise", "http"), f"judge_kind must be auto|reward|pairwise|http, got {self.judge_kind!r}"),
@@ -90,7 +88,7 @@ class EvalSettings:
 
 
 @dataclass
-class EvalConfig(ModelSettings, EvalSettings):
+class EvalConfig(ModelSettings, EvalSettings, DpoSettings):
     """One evaluation: the base model (also π_ref), an optional adapter, held-out pairs and/or test prompts."""
 
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter dir (absent: evaluate the base model)"})
@@ -237,7 +235,7 @@ def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], 
     if not triples:
         raise DataError("no preference triples to evaluate")
     s = triple_stats(model, tokenizer, triples, cfg.tokenize, cfg.batch_size, device,
-                     reference_cache=cfg.reference_cache, reference_key=f"{cfg.model}\0{cfg.model_dtype}")
+                     reference_cache=cfg.reference_cache, reference_key=f"{model_identity(cfg.model)}\0{cfg.model_dtype}")
     keys = ("pol_w", "pol_l", "ref_w", "ref_l", "n_w", "n_l", "sft_w")
     subtasks = np.array([t.subtask for t in triples])
     per = {name: preference_metrics(*(s[k][subtasks == name] for k in keys), beta=cfg.beta)
@@ -353,7 +351,8 @@ def run_evaluate(cfg: EvalConfig, triples: Sequence[PreferenceTriple] | None = N
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
-    if cfg.adapter:
+    if cfg.adapter:  # trained on this base model, which is then also the reference (adapter off)
+        check_base_model(cfg.adapter, cfg.model, user="rose evaluate")
         model = load_adapter(model, cfg.adapter, trainable=False).eval()
     metrics = {"config": to_dict(cfg), "overall": {}, "per_subtask": {}}
     if triples:
