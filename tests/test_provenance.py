@@ -276,6 +276,8 @@ def test_rose_run_num_subtasks_scores_two_subtasks_and_resume_rereads_its_inputs
     assert set(shares) <= {"subtask_0", "subtask_1"} and sum(shares.values()) == pytest.approx(1.0)
     best = {json.loads(line)["best_subtask"] for line in (run / "select" / "rose" / "scores.jsonl").read_text().splitlines()}
     assert best <= {"subtask_0", "subtask_1"}
+    # the final model's adapter names its base model, which evaluate checked and used as reference
+    assert json.loads((run / "train" / "rose" / "adapter" / "base_model.json").read_text())["model"] == str(tiny_model_dir)
 
     write_rose_file(val, 0, 8, edit=" (edited)")  # the same prompts, other answers, same path
     capsys.readouterr()
@@ -284,3 +286,16 @@ def test_rose_run_num_subtasks_scores_two_subtasks_and_resume_rereads_its_inputs
     assert "warmup: done before, skipped" in out and "featurize/ckpt-1/pool: done before, skipped" in out
     assert "featurize/ckpt-1/val_pairwise: settings or inputs changed, redoing" in out
     assert "select/rose: settings or inputs changed, redoing" in out
+
+
+def test_selections_compared_come_from_one_pool(built, tmp_path, capsys):
+    from rose_select.cli import main
+
+    rose, rand = select(built, tmp_path / "rose"), select(built, tmp_path / "random", "random")
+    other = write_pool(tmp_path / "pool.jsonl", edit=" (edited)")
+    elsewhere = select(built, tmp_path / "elsewhere", "random", pool=str(other))
+    assert main(["select", "--compare", str(rose), str(rand)]) == 0
+    capsys.readouterr()
+    assert main(["select", "--compare", str(rose), str(elsewhere)]) == 2
+    err = capsys.readouterr().err
+    assert "pool_sha256" in err and str(rose) in err and str(elsewhere) in err

@@ -15,14 +15,15 @@ checkpoints are derived from them and rewritten on every rerun. ``hf_trainer_sta
 Hugging Face Trainer's own state (``global_step``, every step so far in ``log_history``): what a
 resumed run hands back to the Trainer.
 
-Bring your own warm-up (LESS / Hugging Face Trainer checkpoints): A Trainer checkpoint directory (``checkpoint-<step>/``) holds the peft adapter, the optimizer's
-``state_dict()`` pickled as ``optimizer.pt`` (``optimizer.bin`` when accelerate/FSDP saved it) and
-``trainer_state.json``. The optimizer file is read with ``torch.load(weights_only=True)``: tensors
-and plain containers only, never code. Its state is keyed by integers, numbered across the
-param groups in the order the Trainer built them: the weight-decay group first, then the
-no-decay group, each in ``model.named_parameters()`` order (``Trainer.create_optimizer``). FSDP's
-full optimizer state is keyed by parameter names instead; both are mapped to canonical LoRA
-parameter names, and a count or shape that does not match the adapter is refused.
+Bring your own warm-up (LESS / Hugging Face Trainer checkpoints): a Trainer checkpoint directory
+(``checkpoint-<step>/``) holds the peft adapter, the optimizer's ``state_dict()`` pickled as
+``optimizer.pt`` (``optimizer.bin`` when accelerate/FSDP saved it) and ``trainer_state.json``. The
+optimizer file is read with ``torch.load(weights_only=True)``: tensors and plain containers only,
+never code. Its state is keyed by integers, numbered across the param groups in the order the
+Trainer built them: the weight-decay group first, then the no-decay group, each in
+``model.named_parameters()`` order (``Trainer.create_optimizer``). FSDP's full optimizer state is
+keyed by parameter names instead; both are mapped to canonical LoRA parameter names, and a count or
+shape that does not match the adapter is refused.
 
 The checkpoint weights of ROSE/LESS come from ``trainer_state.json``: the mean logged lr of each
 epoch (``log_history``), as the ROSE authors compute them.

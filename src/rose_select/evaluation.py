@@ -88,7 +88,7 @@ class EvalSettings:
 
 
 @dataclass
-class EvalConfig(ModelSettings, EvalSettings, DpoSettings):
+class EvalConfig(ModelSettings, EvalSettings, DpoSettings, data.SubtaskSettings):
     """One evaluation: the base model (also π_ref), an optional adapter, held-out pairs and/or test prompts."""
 
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter dir (absent: evaluate the base model)"})
@@ -329,7 +329,7 @@ def _load_triples(cfg: EvalConfig) -> list[PreferenceTriple]:
     for path in cfg.preferences:
         if not Path(path).exists():
             raise ConfigError(f"preference file not found: {path}")
-        triples += data.load_preferences(path, format=cfg.preference_format)
+        triples += data.load_preferences(path, format=cfg.preference_format, **cfg.subtask_kwargs())
     if cfg.limit:
         counts: dict[str, int] = {}
         kept = []

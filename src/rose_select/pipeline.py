@@ -263,7 +263,8 @@ def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool =
     settings = section_fields(cfg.evaluate, EvalSettings)
     if not test_prompts:
         settings.update(judge=None, judge_url=None)
-    return compose(EvalConfig, _model(cfg), settings, section_fields(cfg, DpoSettings), tokenize=cfg.tokenize, reference_cache=str(reference_cache),
+    return compose(EvalConfig, _model(cfg), settings, section_fields(cfg, DpoSettings),
+                   section_fields(cfg, SubtaskSettings), tokenize=cfg.tokenize, reference_cache=str(reference_cache),
                    test_prompts=cfg.evaluate.test_prompts if test_prompts else None, output=str(output),
                    **overrides)
 

@@ -46,7 +46,7 @@ from rose_select.data.validate import ValidationReport, validate_file
 
 __all__ = [
     "BUILTIN", "resolve_input",
-    "DEMO_MAX_CHARS", "DEMO_MAX_CHARS", "DEMO_PREFERENCES", "DEMO_SNAPSHOT", "DEMO_WINDOW", "DEMO_WINDOW", "KNOWN_SUBTASKS", "POOL_FORMATS", "PREFERENCE_FORMATS",
+    "DEMO_MAX_CHARS", "DEMO_PREFERENCES", "DEMO_SNAPSHOT", "DEMO_WINDOW", "KNOWN_SUBTASKS", "POOL_FORMATS", "PREFERENCE_FORMATS",
     "SUBTASK_CAPS", "SubtaskSettings", "ValidationReport", "asset_path", "demo_pool", "find_heldout_file", "first_per_subtask",
     "heldout_pairs", "with_preference", "iter_json_array", "load_pool", "load_preferences", "load_sft_targets",
     "load_test_prompts", "parse_transcript", "pool_row", "sharegpt_package_file", "shot_file_info",

@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rose_select import data
+from rose_select import data, distributed as D
 from rose_select.checkpoint import check_base_model
 from rose_select.config import from_args, require
 from rose_select.errors import ConfigError, DataError, NonFiniteError
-from rose_select import distributed as D
 from rose_select.features import gradients as G, sink
 from rose_select.features.joint import REFS, joint_features, load_reference, pair_scale
 from rose_select.features.projection import make_projector

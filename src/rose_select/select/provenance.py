@@ -12,7 +12,8 @@ both sides) a combination that was never made together:
   triples from the same file, checkpoint and projection;
 - each store holds the loss its list is for (pool: ``sft``; rose: ``pairwise``; less: ``sft_chosen``);
 - with ``--warmup-dir``: the stores were featurized at that warm-up's checkpoints (adapters by
-  content), in its order when its learning rates weight them.
+  content), in its order when its learning rates weight them;
+- ``--compare``: the selections compared were drawn from one pool.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rose_select.compat import PAIRED_STORE_KEYS, SAME_TRIPLES_KEYS, require_sam
 from rose_select.data import subtask_counts
 from rose_select.errors import IncompatibleError
 from rose_select.features.store import open_features
-from rose_select.io import sha256_file
+from rose_select.io import read_json, sha256_file
 
 
 @dataclass
@@ -146,3 +147,18 @@ def check_gradient_inputs(cfg, pool, triples, lists: dict[str, tuple[str, list[s
             check_same_triples(first, vals)
     if cfg.warmup_dir:
         check_warmup(pools, cfg.warmup_dir, ordered=not cfg.checkpoint_weights)
+
+
+def check_same_pool(dirs: dict[str, str]) -> None:
+    """Selections compared (``--compare``: overlap, shares by another selection's subtasks) must be
+    drawn from one pool (its sha256 and record limit, from each ``config.json``)."""
+    sides = [(f"the selection {path}", _pool_of(Path(path))) for path in dirs.values()
+             if (Path(path) / "config.json").is_file()]
+    for side in sides[1:]:
+        require_same("selections compared", sides[0], side, ["pool_sha256", "pool_limit"],
+                     hint="compare selections of the same pool")
+
+
+def _pool_of(selection: Path) -> dict:
+    fp = read_json(selection / "config.json")
+    return {"pool_sha256": fp.get("inputs", {}).get("pool_sha256"), "pool_limit": fp.get("config", {}).get("pool_limit")}

@@ -20,6 +20,7 @@ from rose_select.errors import ConfigError, DataError, StoreMismatchError
 from rose_select.io import read_json, sha256_file, write_dir_atomically, write_json
 from rose_select.modeling import ModelSettings
 from rose_select.select.methods import METHODS, SCORERS, VARIANTS, warmup_lrs
+from rose_select.select.provenance import check_same_pool
 from rose_select.select.scoring import DIRECTIONS, ScoreResult
 from rose_select.select.topk import (
     count_for_fraction,
@@ -212,6 +213,7 @@ def handle_cli(command: str, args) -> int | None:
         return None
 
     dirs = {Path(p).name if Path(p).is_dir() else p: p for p in args.compare}
+    check_same_pool(dirs)
     sels = {name: read_selection(p) for name, p in dirs.items()}
     matrix, table = overlap_table(sels)
     print(table)

@@ -37,22 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rose_select import data
-from rose_select.config import from_args, require
-from rose_select.errors import ConfigError, DataError
-from rose_select import distributed as D
-from rose_select.io import read_json, sha256_file, sha256_json, write_dir_atomically, write_json
-from rose_select.modeling import (
-    LoraSettings,
-    ModelSettings,
-    attach_lora,
-    load_model,
-    load_tokenizer,
-)
-from rose_select.records import InstructionRecord
-from rose_select.runtime import progress_disabled, resolve_device
-from rose_select.tokenization import TokenizeConfig, encode_record
-from rose_select.train import rundir
+from rose_select import data, distributed as D
 from rose_select.checkpoint import (
     HF_STATE,
     STATE,
@@ -65,6 +50,20 @@ from rose_select.checkpoint import (
     write_base_model,
     write_logs,
 )
+from rose_select.config import from_args, require
+from rose_select.errors import ConfigError, DataError
+from rose_select.io import read_json, sha256_file, sha256_json, write_dir_atomically, write_json
+from rose_select.modeling import (
+    LoraSettings,
+    ModelSettings,
+    attach_lora,
+    load_model,
+    load_tokenizer,
+)
+from rose_select.records import InstructionRecord
+from rose_select.runtime import progress_disabled, resolve_device
+from rose_select.tokenization import TokenizeConfig, encode_record
+from rose_select.train import rundir
 from rose_select.train.engine import (
     Collator,
     EpochCallback,
