@@ -342,7 +342,7 @@ def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
     """The final model of one method (the full pool's is shared by every target); its fingerprint."""
     if method == "full":
         tcfg = replace(run.train, full=True, output=str(run.shared / "train" / "full"))
-        fp_train = _fp(replace(tcfg, output=""), run.data_fp["pool"])
+        fp_train = _fp(replace(tcfg, output=""), run.data_fp["pool"], run.data_fp["model"])
         run.shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
     else:
         sel = run.dir / "select" / method / "selected.jsonl"
@@ -355,7 +355,8 @@ def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
 def _train_and_evaluate(run: _Run, triples) -> None:
     """The base model, then each method's final model, on the same held-out pairs."""
     reference_cache = run.dir / "eval" / "reference_logps.npz"
-    fp_eval = _fp(run.cfg.evaluate, run.data_fp, [t.id for t in triples])
+    fp_eval = _fp(run.cfg.evaluate, run.data_fp, [(t.id, t.subtask, [(m.role, m.content) for m in t.prompt],
+                                                   t.chosen, t.rejected) for t in triples])  # the pairs, by content
     base = eval_config(run.cfg, output=run.dir / "eval" / "base", reference_cache=reference_cache)
     run.ledger.run("evaluate/base", _fp(base, fp_eval), [Path(base.output)],
                    lambda: str(run_evaluate(base, triples=triples)))
