@@ -351,7 +351,8 @@ def test_brackets_protocol_end_to_end(server):
 
 
 @pytest.mark.parametrize("rejected,status,sent", [
-    ({"json_schema"}, 422, "json_object"),       # llama-cpp-python's server
+    ({"json_schema"}, 500, "json_object"),       # llama-cpp-python's server (its validation error is a 500)
+    ({"json_schema"}, 422, "json_object"),
     ({"json_schema", "json_object"}, 400, "none"),  # a server with no structured output
 ])
 def test_response_format_falls_back_when_rejected(server, rejected, status, sent):
@@ -369,6 +370,7 @@ def test_a_rejected_response_format_set_explicitly_is_an_error(server):
     server.reject_formats = {"json_schema"}
     with pytest.raises(JudgeError, match=r"answered HTTP 422: .*response_format"):
         make_judge(server, response_format="json_schema").verdict(convo(), "x", "y")
+    assert server.count == 1
 
 
 def test_a_rejection_not_about_the_format_is_an_error_at_once(server):

@@ -227,7 +227,7 @@ class HttpJudge:
             if verdicts.RESPONSE_FORMATS[self.response_format] is not None:
                 body["response_format"] = verdicts.RESPONSE_FORMATS[self.response_format]
             try:
-                status, payload = self._post_with_retries(json.dumps(body).encode())
+                status, payload = self._post_with_retries(json.dumps(body).encode(), "response_format" in body)
                 return self._content(status, payload)
             except RejectedRequest as e:
                 if len(self.formats) == 1 or not _names_response_format(e.body):
@@ -245,7 +245,10 @@ class HttpJudge:
             raise JudgeError(f"{self.where()} returned malformed output: message content is {content!r}")
         return content
 
-    def _post_with_retries(self, body: bytes) -> tuple[int, bytes]:
+    def _post_with_retries(self, body: bytes, has_format: bool = False) -> tuple[int, bytes]:
+        """(status, payload) of a 200; a 4xx, or with ``has_format`` any error naming the
+        ``response_format`` (llama-cpp-python's server answers that with HTTP 500), is a
+        ``RejectedRequest`` at once; 429, 5xx and network failures are retried."""
         problem = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -265,8 +268,8 @@ class HttpJudge:
                     return status, payload
                 if status in (401, 403):
                     raise JudgeError(f"{self.where()} refused the API key (HTTP {status}): {self._key_hint()}")
-                if status not in RETRY_STATUSES and status < 500:
-                    text = payload.decode("utf-8", "replace")
+                text = payload.decode("utf-8", "replace")
+                if (status not in RETRY_STATUSES and status < 500) or (has_format and _names_response_format(text)):
                     raise RejectedRequest(f"{self.where()} answered HTTP {status}: {one_line(text)!r}", text)
                 problem = f"HTTP {status}"
                 retry_after = _retry_after_seconds(headers.get("Retry-After"))
@@ -300,7 +303,7 @@ class HttpJudge:
 def _names_response_format(body: str) -> bool:
     """Whether a rejection is about ``response_format`` (then the next one is tried), not, say,
     a prompt longer than the judge's context."""
-    return bool(re.search(r"response_format|json_schema|json_object|schema", body, re.IGNORECASE))
+    return bool(re.search(r"response_format|json_schema|json_object", body, re.IGNORECASE))
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
