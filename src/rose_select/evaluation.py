@@ -336,8 +336,8 @@ class InvalidBudget:
                     f"{self.where}: {self.invalid} of {self.total} test prompts have no valid verdict "
                     f"({self.invalid / self.total:.0%} or more), above judge_max_invalid_share "
                     f"{self.max_share:.0%}; e.g. the reply {one_line(outcome.reply)!r}. The valid verdicts "
-                    f"are cached and a rerun asks only the rest: use a stronger judge, or raise "
-                    f"--judge-max-invalid-share")
+                    f"are cached and a rerun asks only the rest: use a stronger judge (or a larger "
+                    f"--judge-max-tokens if its replies are cut off), or raise --judge-max-invalid-share")
         return outcome
 
 

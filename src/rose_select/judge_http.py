@@ -10,7 +10,8 @@ is not a verdict is re-asked ``reasks`` times with a reminder of the form; then 
 What makes it usable against a paid, shared or small local endpoint:
   - ``response_format`` with the verdict's JSON schema, so a server with grammar support can only
     answer a verdict; ``auto`` tries OpenAI's ``json_schema``, then ``json_object`` with a schema,
-    then none, each time a server rejects the field (HTTP 400/422 naming it);
+    then none, each time a server rejects the field (an error naming it: HTTP 400 or 422, or 500
+    from llama-cpp-python's server);
   - retries with exponential backoff (``Retry-After`` honoured) on 429, 5xx, timeouts and refused
     or dropped connections;
   - a client-side rate limit (``rps``, requests per second);
@@ -40,11 +41,12 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from rose_select.errors import ConfigError, JudgeError
 from rose_select import verdicts
+from rose_select.errors import ConfigError, JudgeError
 from rose_select.judges import hh_text
 from rose_select.records import Message
 from rose_select.verdicts import NoVerdict
+
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 60.0
 
@@ -142,7 +144,8 @@ class RateLimiter:
 # ---------------------------------------------------------------------------- the judge
 
 class RejectedRequest(JudgeError):
-    """The endpoint answered a 4xx other than 401/403/429: the request itself is refused."""
+    """The endpoint refused the request itself: a 4xx other than 401/403/429, or an error that
+    names the ``response_format`` sent."""
 
     def __init__(self, message: str, body: str):
         super().__init__(message)
