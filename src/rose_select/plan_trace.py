@@ -74,9 +74,25 @@ class LiveBytes(TorchDispatchMode):
         if func is torch.ops.aten.nonzero.default and _is_fake_data(args[0]):
             x = args[0]  # a finiteness check over values the fake run does not have: all finite
             return torch.empty((0, x.dim()), dtype=torch.long, device=x.device)
+        if func is torch.ops.aten._fused_sdp_choice.default and _is_fake_data(args[0]):
+            return _sdp_choice(args, kwargs)
         out = func(*args, **kwargs)
         self._track(out)
         return out
+
+
+def _sdp_choice(args, kwargs) -> int:
+    """The attention kernel a real tensor of the same shape (batch 1) and dtype gets: fake tensors
+    would get the math kernel, whose [T, T] weights a real run (flash) never holds."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def real(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.zeros((1, *t.shape[1:]) if t.dim() == 4 else t.shape, dtype=t.dtype)
+
+    with _disable_current_modes():
+        return torch.ops.aten._fused_sdp_choice.default(*map(real, args), **{k: real(v) for k, v in kwargs.items()})
 
 
 def _is_fake_data(t) -> bool:
@@ -125,9 +141,32 @@ def fake_mode():
     saved = FT.CONSTANT_NUMEL_LIMIT
     FT.CONSTANT_NUMEL_LIMIT = _CONSTANT_LIMIT
     try:
-        yield FT.FakeTensorMode(allow_non_fake_inputs=True)
+        with _constants_are_data():
+            yield FT.FakeTensorMode(allow_non_fake_inputs=True)
     finally:
         FT.CONSTANT_NUMEL_LIMIT = saved
+
+
+@contextlib.contextmanager
+def _constants_are_data():
+    """transformers takes any fake tensor for a graph being traced and then builds the attention
+    mask a real run skips (all-ones padding mask: causal kernel). A constant fake tensor (the
+    batch) has values: let the masking code read them, as a real run does."""
+    from transformers import masking_utils
+
+    traced = getattr(masking_utils, "is_tracing", None)
+    if traced is None:
+        yield
+        return
+
+    def is_tracing(tensor=None):
+        return traced(None) if getattr(tensor, "constant", None) is not None else traced(tensor)
+
+    masking_utils.is_tracing = is_tracing
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = traced
 
 
 def constant(mode, t: torch.Tensor):
