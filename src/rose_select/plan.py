@@ -435,3 +435,32 @@ def run_plan(cfg: PlanConfig) -> Optional[Path]:
         return None
     write_json(cfg.output, plan)
     return Path(cfg.output)
+
+# --------------------------------------------------------------------------- batch_size: auto
+
+
+def free_device_bytes(device) -> int:
+    """Memory the featurizer may use on ``device``, the loaded model included: free + allocated
+    (CUDA), or available RAM + this process's tensors (CPU)."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_allocated(device)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fitting_batch(feature_cfg, model, length: int, budget: int) -> int:
+    """The largest batch of ``length``-token items whose planned featurization peak (the model's
+    own shape and adapter, the job's settings), plus the default margin, fits ``budget`` bytes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    peft = next(iter(model.peft_config.values()))
+    lora = LoraSettings(r=peft.r, alpha=float(peft.lora_alpha), dropout=0.0,
+                        target_modules=sorted(peft.target_modules))
+    cfg = PlanConfig(model=feature_cfg.model, model_dtype=feature_cfg.model_dtype, lora=lora,
+                     featurize=feature_cfg, tokenize=TokenizeConfig(max_length=max(length, 2)))
+    stage = "validation" if feature_cfg.loss == "pairwise" else "featurize_pool"
+    fits, _ = stage_fits(cfg, base.config, [stage], cfg.tokenize.max_length)
+    return largest_batch(fits[stage][0], base.config.num_hidden_layers, budget / (1 + cfg.margin))
