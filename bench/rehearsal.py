@@ -94,8 +94,8 @@ def run_row(args, shape: str, layers: int, stage: str) -> dict:
     # tensors' freed memory in the heap, so the process would hold more than its live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"error": done.stderr[-1500:]}
+    if done.returncode != 0:  # -9: the kernel's out-of-memory killer (the machine is shared)
+        return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
