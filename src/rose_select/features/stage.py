@@ -306,13 +306,13 @@ def resolve_batch_size(cfg: FeaturizeConfig, model, encs, device) -> int:
     (``plan.fitting_batch``); a store being resumed keeps the batch it was started with."""
     import json
 
+    if cfg.auto_batch == "never" or (cfg.auto_batch == "cuda" and device.type != "cuda"):
+        return cfg.batch_size  # a store started with another batch is refused, naming it
     meta = Path(cfg.output) / "meta.json"
     if meta.is_file():
         started = json.loads(meta.read_text()).get("settings", {}).get("batch_size")
         if isinstance(started, int):
             return started
-    if cfg.auto_batch == "never" or (cfg.auto_batch == "cuda" and device.type != "cuda"):
-        return cfg.batch_size
     from rose_select.plan import fitting_batch, free_device_bytes
 
     longest = max(len(e["input_ids"]) for enc in encs for e in enc)
