@@ -11,19 +11,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _gpu_sh(tmp_path, **env):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
 def test_gpu_script_dry_run(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
-                          env=env, timeout=600)
+    done = _gpu_sh(tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "skipped" in done.stdout and "needs a CUDA device" in done.stdout  # the CUDA tests, skipped here
+    assert "skipped" in done.stdout and "needs a CUDA device" in done.stdout  # the cuda parameters, skipped here
+    assert " passed" in done.stdout  # the same bodies, on the CPU
     res = json.loads((tmp_path / "gpu_dry_run.json").read_text())
     row = res["shapes"]["tiny"]
     for side in ("train", "featurize"):
         assert row[side]["examples_per_s"] > 0
         assert row[side]["tokens_per_s"] == row[side]["examples_per_s"] * res["setting"]["seq_len"]
     assert row["featurize_vs_train"] > 0 and row["lora_params"] > 0
+    parts = json.loads((tmp_path / "gpu_dry_run_parts.json").read_text())
+    assert parts["ok"] and {p["status"] for p in parts["parts"].values()} == {"ok"}
+    assert parts["bench"] == res
     assert "Warning" not in done.stderr, done.stderr[-2000:]
+
+
+def test_gpu_script_survives_a_failing_part(tmp_path):
+    """A failing first part (the tests) does not stop the benchmark; the JSON records both."""
+    done = _gpu_sh(tmp_path, TESTS=str(tmp_path / "no_such_test.py"))
+    assert done.returncode != 0
+    parts = json.loads((tmp_path / "gpu_dry_run_parts.json").read_text())
+    assert parts["ok"] is False
+    assert parts["parts"]["device_tests"]["status"] == "failed" and parts["parts"]["device_tests"]["exit_code"] != 0
+    assert parts["parts"]["bench"]["status"] == "ok"
+    assert parts["bench"]["shapes"]["tiny"]["featurize"]["examples_per_s"] > 0
 
 
 def test_validation_bench_runs(tiny_model_dir, tmp_path):

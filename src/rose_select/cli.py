@@ -30,6 +30,7 @@ STAGES = {
     "evaluate": "rose_select.evaluation:EvalConfig:run_evaluate",
     "run": "rose_select.pipeline:RunConfig:run_pipeline",
     "experiment": "rose_select.experiments:ExperimentConfig:run_experiment",
+    "plan": "rose_select.plan:PlanConfig:run_plan",
 }
 HELP = {
     "warmup": "LoRA warm-up on a random fraction of the pool, one checkpoint (adapter + Adam moments) per epoch",
@@ -39,6 +40,7 @@ HELP = {
     "evaluate": "held-out preference accuracy, reward margins, validation losses, golden-answer log-likelihood",
     "run": "the whole pipeline from a config file, resumable stage by stage",
     "experiment": "the paper's tables and figures, and the selection-quality benchmark",
+    "plan": "memory per batch, largest batch, FLOPs, device-hours and disk of every stage on a GPU (fake tensors, seconds)",
 }
 OTHER = {"data": "inspect and validate data files (rose data validate FILE)",
          "answer": "greedy-answer a prompt with a model (and optional adapter)"}

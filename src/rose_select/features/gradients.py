@@ -238,8 +238,11 @@ class _GradientHooks:
             return output
 
 
-def _item_map(rows: int, device, row_to_item, n_items, adam) -> tuple[Tensor, int]:
-    """Which item each batch row belongs to, and how many items (Adam needs one row per item)."""
+def _item_map(rows: int, device, row_to_item, n_items, adam) -> tuple[Tensor | None, int]:
+    """Which item each batch row belongs to (None: row r is item r, decided without reading the
+    device), and how many items (Adam needs one row per item)."""
+    if row_to_item is None and n_items in (None, rows):
+        return None, rows
     row_to_item = (torch.arange(rows, device=device) if row_to_item is None
                    else torch.as_tensor(row_to_item, device=device, dtype=torch.long))
     n_items = int(row_to_item.max().item()) + 1 if n_items is None else n_items
@@ -288,7 +291,7 @@ def per_example_features(model, batch: dict, loss_fn: LossFn, projector=None, *,
             for n in (pair.a_name, pair.b_name):
                 if n not in emit.seen:
                     emit(n, torch.zeros(rows, numels[n], device=device, dtype=torch.float32))
-    if torch.equal(row_to_item, torch.arange(rows, device=device)) and n_items == rows:
+    if row_to_item is None:
         out = row_out
     else:
         out = torch.zeros(n_items, dim, dtype=row_out.dtype, device=device)
