@@ -34,6 +34,7 @@ from rose_select.config import require
 from rose_select.errors import ConfigError
 from rose_select.features.stage import FeatureSettings
 from rose_select.io import write_json
+from rose_select.losses import DpoSettings
 from rose_select.modeling import LoraSettings, ModelSettings
 from rose_select.tokenization import TokenizeConfig
 from rose_select.train.stage import Schedule
@@ -90,7 +91,7 @@ class PlanSettings:
 
 
 @dataclass
-class PlanConfig(ModelSettings, PlanSettings):
+class PlanConfig(ModelSettings, PlanSettings, DpoSettings):
     """A plan: the model (a named shape, ``config.json``, local directory or hub id) and the run's
     own sections (``lora``, ``tokenize``, ``featurize``, ``warmup``, ``train``); the warm-up's
     epochs are the checkpoints."""
@@ -200,7 +201,7 @@ def validation_step(cfg: PlanConfig, model, batch):
 
     n = batch["input_ids"].shape[0] // 2
     model.eval()
-    return (lambda: joint_features(model, batch, _projector(cfg, model), ref="self", beta=cfg.featurize.beta,
+    return (lambda: joint_features(model, batch, _projector(cfg, model), ref="self", beta=cfg.beta,
                                    item_ids=list(range(n)), autocast_dtype=_amp(cfg)).float()), []
 
 
