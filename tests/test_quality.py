@@ -225,6 +225,7 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
                                           row["domain"]), **length_figures(lengths * 2 + 7, truth, row["domain"])}
             assert _same({k: row[k] for k in expect}, expect) and row["length_balanced"] == 0.5
     _check_length_report(res, out)
+    _check_length_removed(out / "seed-0")
     agg = {(a["target"], a["method"]): a for a in res["aggregate"]}
     a = agg[("shp_5_shot", "rose")]
     pair_rows = [r for r in res["rows"] if r["target"] == "shp_5_shot" and r["method"] == "rose"]
@@ -236,6 +237,28 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
     before = [p.stat().st_mtime_ns for p in stamps]
     assert main(["experiment", "quality", "--config", str(cfg), "--quick", "true", "--seeds", "2"]) == 0
     assert [p.stat().st_mtime_ns for p in stamps] == before and len(stamps) == 2 * 2 * 3 * 2
+
+
+def _check_length_removed(sdir) -> None:
+    """With no direction removed, the length-removed scorer is its method (the saved scores), and
+    the saved length-removed rows are the scorer's with one direction."""
+    from rose_select.quality_geometry import length_removed_scores
+    from rose_select.select.scoring import load_store_features
+
+    truth = [PlantedRow(**r) for r in json.loads((sdir / "truth.json").read_text())]
+    run, feats = sdir / "se_2_shot", lambda p: load_store_features(p).features
+    ckpts = sorted(p.name for p in (sdir / "features").iterdir())
+    val = {"pairwise": [feats(run / "features" / c / "val_pairwise") for c in ckpts],
+           "chosen": [feats(run / "features" / c / "val_sft") for c in ckpts],
+           "groups": load_store_features(run / "features" / ckpts[0] / "val_pairwise").groups}
+    pool = [feats(sdir / "features" / c / "pool") for c in ckpts]
+    for method in ("rose_plus", "rose"):
+        summary = json.loads((run / "select" / method / "summary.json").read_text())
+        saved = np.load(run / "select" / method / "scores.npy")
+        got = length_removed_scores(pool, val, summary, length_scores(truth), 0)
+        assert np.allclose(got, saved, rtol=1e-4, atol=1e-5)
+        one = np.load(run / "select" / f"{method}-len1" / "scores.npy")
+        assert np.array_equal(one, length_removed_scores(pool, val, summary, length_scores(truth), 1))
 
 
 def _check_length_report(res: dict, out) -> None:

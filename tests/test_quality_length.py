@@ -152,8 +152,7 @@ def test_length_removed_scores_against_brute_force(center, chosen_weight):
     pool, lengths = rng.normal(size=(40, 12)), rng.integers(5, 500, size=40).astype(float)
     pool[:, 0] += np.log(lengths)  # a length component along the first axis
     pairwise, chosen, groups = rng.normal(size=(3, 12)), rng.normal(size=(3, 12)), ["a", "a", "b"]
-    summary = {"extra": {"center": center, "chosen_weight": chosen_weight, "direction": "pairwise",
-                         "checkpoint_weights": [1.0]}}
+    summary = {"center": center, "chosen_weight": chosen_weight, "direction": "pairwise", "checkpoint_weights": [1.0]}
     val = {"pairwise": [pairwise], "chosen": [chosen], "groups": groups}
     for k in (0, 1, 3):
         x = pool - pool.mean(0) if center else pool

@@ -61,12 +61,13 @@ from rose_select.quality_downstream import (
     downstream_rows,
 )
 from rose_select.quality_geometry import LENGTH_REMOVED, checkpoint_geometry, geometry_markdown, length_removed_scores
-from rose_select.quality_length import collect_items, fmt_stat, length_figures, length_markdown, load_scores, target_report
+from rose_select.quality_length import collect_items, length_figures, length_markdown, load_scores, target_report
+from rose_select.quality_tables import glance_table, markdown_table
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
 from rose_select.select.stage import VARIANTS, run_select
 from rose_select.select.scoring import load_store_features
 from rose_select.select.topk import read_selection, select_top, write_selection
-from rose_select.stats import fmt_interval, mean_interval, wilson_interval
+from rose_select.stats import mean_interval, wilson_interval
 from rose_select.train.stage import run_warmup
 
 GENERIC = "generic"
@@ -319,7 +320,7 @@ def length_removed_selection(run, seed_dir, ckpts, method: str, label: str, n_di
     feats = lambda p: load_store_features(p).features
     val = {"pairwise": [feats(run / "features" / c.name / "val_pairwise") for c in ckpts],
            "groups": load_store_features(run / "features" / ckpts[0].name / "val_pairwise").groups}
-    if summary["extra"]["chosen_weight"]:
+    if summary["chosen_weight"]:
         val["chosen"] = [feats(run / "features" / c.name / "val_sft") for c in ckpts]
     scores = length_removed_scores([feats(seed_dir / "features" / c.name / "pool") for c in ckpts], val, summary,
                                    length_scores(truth), n_dirs)
@@ -397,57 +398,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
         agg["pairs"] = {"n": n, "accuracy": wins / n, "ci": list(wilson_interval(wins, n))}
         out.append(agg)
     return out
-
-
-def markdown_table(agg: list[dict]) -> str:
-    """One row per target and method: the benchmark's figures (mean [95% interval] over seeds)."""
-    head = ("| target | method | domain precision@k (base rate) | precision / base | preferred share of "
-            "selected target rows | pairs ranked right [95% CI] | AUC target vs rest | Spearman(score, length) |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for a in agg:
-        p = a["pairs"]
-        lines.append(f"| {a['target']} | {a['method']} | {fmt_interval(a['domain_precision'])} ({a['base_rate']:.2f}) | "
-                     f"{fmt_interval(a['precision_over_base'], 1)} | {fmt_interval(a['preferred_share'])} | "
-                     f"{p['accuracy']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}] (n={p['n']}) | "
-                     f"{fmt_interval(a['auc'])} | {fmt_interval(a['length_spearman'])} |")
-    return "\n".join(lines)
-
-
-def glance_table(agg: list[dict], downstream: list[dict] | None = None, length: dict | None = None,
-                 vs: str = "less") -> str:
-    """One row per method, per target: precision / base rate and pairs ranked right (means over
-    seeds); with ``length`` (``length_reports``) the length-balanced accuracy and its paired
-    difference with ``vs``; with ``downstream`` the trained model's held-out accuracy (and its
-    paired difference with ``vs`` where the downstream aggregate has one)."""
-    targets = list(dict.fromkeys(a["target"] for a in agg))
-    trained = {(d["target"], d["method"]): d for d in downstream or []}
-    cells: dict[str, dict[str, str]] = {}
-    cols: list[str] = []
-
-    def put(method, col, text):
-        cols.append(col) if col not in cols else None
-        cells.setdefault(method, {})[col] = text
-
-    for t in targets:
-        rep = (length or {}).get(t)
-        summary = {m["method"]: m for m in rep["methods"]} if rep else {}
-        paired = {p["method"]: p for p in rep["paired"] if p["vs"] == vs} if rep else {}
-        for a in (a for a in agg if a["target"] == t):
-            m = a["method"]
-            put(m, f"{t}: precision / base", fmt_interval(a["precision_over_base"], 1))
-            put(m, f"{t}: pairs right", f"{a['pairs']['accuracy']:.2f}")
-            if m in summary:
-                put(m, f"{t}: length-balanced [CI]", fmt_stat(summary[m]["length_balanced"]))
-                put(m, f"{t}: Δ length-balanced vs {vs} [CI]", fmt_stat(paired[m]["length_balanced"], signed=True)
-                    if m in paired else "")
-            if (t, m) in trained:
-                d = trained[(t, m)]
-                put(m, f"{t}: trained model's accuracy", fmt_interval(d["accuracy"], 3))
-                if d.get("vs", {}).get(vs):
-                    put(m, f"{t}: Δ trained accuracy vs {vs} [CI]", fmt_stat(d["vs"][vs]["pairs"], 3, signed=True))
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    lines += [f"| {m} | " + " | ".join(c.get(k, "") for k in cols) + " |" for m, c in cells.items()]
-    return "\n".join(lines)
 
 
 def quality(cfg, out) -> dict:

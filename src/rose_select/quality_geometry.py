@@ -112,14 +112,14 @@ def length_removed_scores(pool_stores: Sequence, val_stores: dict, summary: dict
     per checkpoint lists of validation features, ``groups`` the validation subtasks."""
     from rose_select.select.scoring import normalize_rows, rose_scores, validation_directions
 
-    extra = summary["extra"]
+    settings = summary  # a selection's summary.json holds its method's settings at the top level
     pool = []
     for feats in pool_stores:
         x = np.asarray(feats, np.float64)
-        x = normalize_rows(x - x.mean(0) if extra["center"] else x)[0]
+        x = normalize_rows(x - x.mean(0) if settings["center"] else x)[0]
         pool.append(remove_directions(x, length_directions(x, lengths, k)))
-    vals = [validation_directions(extra["direction"], pairwise=val_stores["pairwise"][i],
+    vals = [validation_directions(settings["direction"], pairwise=val_stores["pairwise"][i],
                                   chosen=val_stores["chosen"][i] if val_stores.get("chosen") else None,
-                                  chosen_weight=extra["chosen_weight"]) for i in range(len(pool))]
-    return rose_scores(pool, vals, extra["checkpoint_weights"], val_stores["groups"], progress=False,
+                                  chosen_weight=settings["chosen_weight"]) for i in range(len(pool))]
+    return rose_scores(pool, vals, settings["checkpoint_weights"], val_stores["groups"], progress=False,
                        dtype=np.float64).scores

@@ -1,4 +1,5 @@
-"""Small statistics for reports: intervals of proportions and of means over seeds."""
+"""Small statistics for reports: intervals of proportions and of means over seeds, a paired
+bootstrap over seeds and items, the exact sign test, partial rank correlation."""
 
 from __future__ import annotations
 
