@@ -367,3 +367,28 @@ def test_stores_each_method_needs():
         SelectConfig(method="less", chosen_weight=1.0)
     with pytest.raises(ConfigError, match="balanced: not options of method .bm25."):
         SelectConfig(method="bm25", balanced=True)
+
+
+def test_gpu_scale_script_dry_run_starts_and_resumes(tmp_path):
+    """``bench/quality_gpu.sh --dry-run``: the GPU config with a tiny model's scale, end to end
+    (every target, a length-removed row trained downstream); the same call again reuses every
+    training and evaluation."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    run = lambda: subprocess.run(["bash", str(root / "bench" / "quality_gpu.sh"), "--dry-run"], capture_output=True,
+                                 text=True, env=env, timeout=1200)
+    done = run()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = tmp_path / "quality_gpu_dry_run" / "quality"
+    res = json.loads((out / "results.json").read_text())
+    assert {r["target"] for r in res["rows"]} == {"shp_5_shot", "se_2_shot", "hh_1_shot", "hh_5_shot"}
+    assert {"rose_plus-len1", "length"} <= {r["method"] for r in res["downstream_rows"]}
+    assert res["config"]["base"]["lora"]["r"] == 2 and res["config"]["generic_records"] == 20000  # --quick: 30 drawn
+    stamps = sorted(out.glob("seed-0/*/downstream/*/*/done.json"))
+    before = [p.stat().st_mtime_ns for p in stamps]
+    assert run().returncode == 0 and [p.stat().st_mtime_ns for p in stamps] == before and stamps

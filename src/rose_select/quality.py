@@ -54,11 +54,12 @@ from rose_select.pipeline import (
 from rose_select.plots import _corr, _ranks
 from rose_select.quality_downstream import (
     LENGTH_RULE,
-    set_name,
     aggregate_downstream,
     downstream_markdown,
     downstream_plot,
     downstream_rows,
+    paired_downstream,
+    set_name,
 )
 from rose_select.quality_geometry import LENGTH_REMOVED, checkpoint_geometry, geometry_markdown, length_removed_scores
 from rose_select.quality_length import collect_items, length_figures, length_markdown, load_scores, target_report
@@ -222,7 +223,6 @@ def build_pool(cfg, seed: int, out_dir):
     (pool path, ground truth). Planted prompts, once per set (domain = set name, shared by every
     target of the set, e.g. HH at 1 and 5 shots): the set's held-out file minus the validation
     prompts of every target of the set, and minus pairs whose two answers are the same."""
-    import json
     from pathlib import Path
 
     out_dir = Path(out_dir)
