@@ -166,3 +166,19 @@ def test_length_removed_scores_against_brute_force(center, chosen_weight):
     y = np.log(lengths) - np.log(lengths).mean()
     cov = (x - x.mean(0)).T @ y
     assert np.allclose(length_directions(x, lengths, 1)[0], cov / np.linalg.norm(cov))
+
+
+def test_shots_report_compares_one_method_at_two_targets_on_the_same_pairs():
+    from rose_select.quality_length import shots_markdown
+
+    rng = np.random.default_rng(9)
+    truth = _pool([(int(a), int(b)) for a, b in rng.integers(5, 200, size=(30, 2))])
+    pref = np.array([1.0 if r.preferred else 0.0 for r in truth])
+    scores = {"m@one": rng.normal(size=len(truth)), "m@five": pref + 0.5 * rng.normal(size=len(truth))}
+    items = collect_items([(truth, scores)], "t")
+    rep = target_report(items, references=(), extra_pairs=[("m@five", "m@one")], n_boot=200)
+    (p,) = rep["paired"]
+    assert p["pairs_right"]["mean"] == pytest.approx((items.wins["m@five"] - items.wins["m@one"]).mean())
+    table = shots_markdown("t: shots", rep)
+    row = next(line for line in table.splitlines() if line.startswith("| m |"))
+    assert "| five | one |" in row and f"{p['pairs_right']['mean']:+.2f}" in row

@@ -253,20 +253,38 @@ def read_truth(seed_dir) -> list[PlantedRow]:
     return [PlantedRow(**r) for r in json.loads((Path(seed_dir) / "truth.json").read_text())]
 
 
+def _per_seed(cfg, out, targets: list[str], labels: list[str]) -> list[tuple]:
+    """(truth, {label: scores}) of every seed; with several ``targets`` labels become
+    ``label@target`` (they must share the planted set)."""
+    per_seed = []
+    for seed in range(cfg.seeds):
+        seed_dir = out / f"seed-{seed}"
+        truth = read_truth(seed_dir)
+        scores = {}
+        for target in targets:
+            tag = f"@{target_name(target)}" if len(targets) > 1 else ""
+            scores.update({k + tag: v for k, v in load_scores(seed_dir, target_name(target), labels).items()})
+        per_seed.append((truth, {**scores, LENGTH_RULE: length_scores(truth)}))
+    return per_seed
+
+
 def length_reports(cfg, out) -> dict[str, dict]:
     """Per target: ``quality_length.target_report`` over every seed, recomputed from each method's
-    saved ``scores.npy`` and the ground truth (the length rule from the truth's lengths)."""
+    saved ``scores.npy`` and the ground truth (the length rule from the truth's lengths); and per
+    set with several targets (HH at 1 and 5 shots), ``"<set>: shots"``: each method at every
+    later target against the first, on the same planted pairs."""
     labels = benchmark_labels(cfg.method_list())
     reports = {}
     for target in cfg.targets:
-        per_seed = []
-        for seed in range(cfg.seeds):
-            seed_dir = out / f"seed-{seed}"
-            truth = read_truth(seed_dir)
-            per_seed.append((truth, {**load_scores(seed_dir, target_name(target), labels),
-                                     LENGTH_RULE: length_scores(truth)}))
-        reports[target_name(target)] = target_report(collect_items(per_seed, set_name(target)), extra_pairs=[
-            (label, m) for label, (m, _) in LENGTH_REMOVED.items()])
+        reports[target_name(target)] = target_report(collect_items(_per_seed(cfg, out, [target], labels), set_name(target)),
+                                                     extra_pairs=[(label, m) for label, (m, _) in LENGTH_REMOVED.items()])
+    for domain, members in target_sets(cfg).items():
+        targets = [t for t in cfg.targets if set_name(t) == domain]
+        if len(targets) > 1:
+            first, later = target_name(targets[0]), [target_name(t) for t in targets[1:]]
+            pairs = [(f"{m}@{t}", f"{m}@{first}") for t in later for m in labels]
+            reports[f"{domain}: shots"] = target_report(collect_items(_per_seed(cfg, out, targets, labels), domain),
+                                                        references=(), extra_pairs=pairs)
     return reports
 
 

@@ -208,6 +208,9 @@ def length_markdown(reports: dict[str, dict], tolerance: float = MATCH_TOLERANCE
     with each reference (bootstrap intervals; sign test p over the pairs where the two differ)."""
     out = []
     for target, rep in reports.items():
+        if target.endswith(": shots"):
+            out.append(shots_markdown(target, rep))
+            continue
         lines = [f"### {target}", "",
                  "| method | pairs (longer / shorter preferred) | longer preferred: right | shorter preferred: right | "
                  f"length-balanced [95% CI] | length-matched (within {tolerance:.0%}): right (n) | "
@@ -229,3 +232,17 @@ def length_markdown(reports: dict[str, dict], tolerance: float = MATCH_TOLERANCE
             lines.append(f"| {m['method']} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def shots_markdown(name: str, report: dict) -> str:
+    """A set's targets at several shot counts against the first, method by method (same pairs)."""
+    summary = {m["method"]: m for m in report["methods"]}
+    lines = [f"### {name}", "", "| method | at | against | length-balanced (at / against) | Δ pairs right [CI] "
+             "(sign test p) | Δ length-balanced [CI] |", "|---|---|---|---|---|---|"]
+    for p in report["paired"]:
+        (m, at), against = p["method"].split("@"), p["vs"].split("@")[1]
+        lines.append(f"| {m} | {at} | {against} | {_num(summary[p['method']]['length_balanced']['mean'])} / "
+                     f"{_num(summary[p['vs']]['length_balanced']['mean'])} | "
+                     f"{fmt_stat(p['pairs_right'], signed=True)} (p={p['sign_p']:.2g}) | "
+                     f"{fmt_stat(p['length_balanced'], signed=True)} |")
+    return "\n".join(lines)
