@@ -199,7 +199,7 @@ def main(argv=None) -> int:
 def _contended(args, argv) -> int:
     from contended import run_contended
 
-    from rose_select.features.distributed import available_cores
+    from rose_select.runtime import available_cores
 
     passed = [a for a in (argv if argv is not None else sys.argv[1:])
               if a not in ("--contended", "--no-runtime")]

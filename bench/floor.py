@@ -112,7 +112,7 @@ def flops_per_token(cfg: RunConfig, model, tok, sample: int) -> dict:
 
     def val_step(b):
         n = b["input_ids"].shape[0] // 2
-        joint_features(model, b, projector, ref="auto", beta=cfg.featurize.beta, item_ids=list(range(n)))
+        joint_features(model, b, projector, ref="auto", beta=cfg.beta, item_ids=list(range(n)))
 
     def eval_step(b):
         with torch.no_grad():

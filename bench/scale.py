@@ -86,7 +86,7 @@ def worker(config: str, report_dir: str) -> int:
 
 def parse_runs(spec: str) -> list[tuple[int, int]]:
     """``"1,2,1x1"`` -> ``[(1, cores), (2, cores // 2), (1, 1)]`` (processes, threads each)."""
-    from rose_select.features.distributed import threads_per_process
+    from rose_select.distributed import threads_per_process
 
     runs = []
     for item in spec.split(","):
@@ -166,7 +166,7 @@ def table(feat_rows: list[dict], scored: dict | None) -> str:
 
 
 def main(argv=None) -> int:
-    from rose_select.features.distributed import available_cores
+    from rose_select.runtime import available_cores
 
     args = parse_args(argv)
     if args.worker:

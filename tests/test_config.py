@@ -27,8 +27,8 @@ def _run_config(tmp_path, **extra) -> RunConfig:
     return from_dict(RunConfig, {"output_dir": str(tmp_path / "run"), "model": "some/model", "model_dtype": "bfloat16",
                                  "device": "cpu", "tokenize": TOKENIZE, "lora": {"r": 4, "alpha": 8},
                                  "select": {"methods": list(METHODS), "fraction": 0.2, "knn_k": 3},
-                                 "featurize": {"dim": 64, "store_dtype": "float32", "ref": "self", "beta": 0.2},
-                                 **extra})
+                                 "featurize": {"dim": 64, "store_dtype": "float32", "ref": "self"}, "beta": 0.2,
+                                 "num_subtasks": 3, **extra})
 
 
 def test_run_tokenisation_and_model_reach_every_stage(tmp_path):
@@ -47,7 +47,16 @@ def test_run_tokenisation_and_model_reach_every_stage(tmp_path):
         assert (stage.model, stage.model_dtype, stage.device) == ("some/model", "bfloat16", "cpu")
     for _, fcfg in jobs:  # the featurize section is handed over whole
         assert (fcfg.dim, fcfg.store_dtype, fcfg.ref, fcfg.beta, fcfg.lora.r) == (64, "float32", "self", 0.2, 4)
-    assert all((s.fraction, s.knn_k) == (0.2, 3) for s in selects)
+        # the subtask layout reaches the validation stores (a pool has none)
+        assert fcfg.num_subtasks == (None if fcfg.data_kind == "pool" else 3)
+    assert all((s.fraction, s.knn_k, s.num_subtasks) == (0.2, 3, 3) for s in selects)
+    assert evals[0].beta == 0.2  # one DPO beta for the features and the evaluation
+
+
+@pytest.mark.parametrize("section", ["featurize", "evaluate"])
+def test_beta_is_one_setting_of_the_run(tmp_path, section):
+    with pytest.raises(ConfigError, match=rf"{section}.beta was renamed: use beta \(the run's top level"):
+        _run_config(tmp_path, **{section: {"beta": 0.3}})
 
 
 def test_rds_embeds_with_the_runs_tokenisation(tmp_path, tiny_model_dir, monkeypatch):

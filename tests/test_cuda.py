@@ -84,7 +84,7 @@ def test_nccl_collectives_in_one_process():
     teardown of ``distributed.stop`` (a 1-GPU machine cannot hold two NCCL ranks)."""
     import torch.distributed as dist
 
-    from rose_select.features import distributed as D
+    from rose_select import distributed as D
 
     dist.init_process_group("nccl", rank=0, world_size=1, store=dist.HashStore())
     torch.cuda.set_device(0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from rose_select.features import distributed as D
+from rose_select import distributed as D
 from rose_select.config import to_dict
 from rose_select.errors import ConfigError
 from rose_select.features.stage import FeaturizeConfig, plan_batches, plan_rounds, run_featurize
@@ -187,7 +187,7 @@ def test_leave_open_group_tears_down_a_group_left_open(finished):
     without a group it does nothing."""
     import torch.distributed as dist
 
-    from rose_select.features.distributed import leave_open_group
+    from rose_select.distributed import leave_open_group
 
     leave_open_group(finished)  # no group: nothing to do
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())

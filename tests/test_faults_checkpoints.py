@@ -63,7 +63,7 @@ def test_killed_after_a_checkpoint_rename_keeps_that_epochs_weight(reference, ti
 
 
 def test_checkpoints_record_their_own_learning_rates(reference):
-    from rose_select.train.checkpoints import read_warmup_checkpoints
+    from rose_select.checkpoint import read_warmup_checkpoints
 
     ckpts = read_warmup_checkpoints(reference)
     assert [(e, p.name) for e, p, _ in ckpts] == [(1, "ckpt-1"), (2, "ckpt-2")]

@@ -141,7 +141,7 @@ def test_adam_moments_replaced_at_the_same_checkpoint_are_refused(tiny_model_dir
     """Case 2 for the training side's preconditioner: the adapter was hashed, its Adam moments not."""
     import torch
 
-    from rose_select.modeling import save_adam_moments
+    from rose_select.checkpoint import save_adam_moments
     from rose_select.testing import write_lora_checkpoint
 
     ckpt = write_lora_checkpoint(tiny_model_dir, tmp_path / "ckpt")

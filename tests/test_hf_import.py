@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rose_select import data, modeling
+from rose_select import checkpoint, data, modeling
 from rose_select.errors import CheckpointError
 from rose_select.features.stage import FeaturizeConfig, run_featurize
 from rose_select.features.store import open_features
-from rose_select.train.hf_import import import_trainer_run, read_trainer_moments
+from rose_select.checkpoint import import_trainer_run, read_trainer_moments
 from rose_select.modeling import LoraSettings
 from rose_select.select.methods import warmup_lrs
 from rose_select.tokenization import TokenizeConfig, collate, encode_record
@@ -49,7 +49,7 @@ def hf_run(tiny_model_dir, tmp_path_factory):
     trainer.train()
     ours = tmp / "ours"
     trainer.model.save_pretrained(str(ours))
-    modeling.save_optimizer_state(ours / "optimizer_state.safetensors", trainer.model, trainer.optimizer,
+    checkpoint.save_optimizer_state(ours / "optimizer_state.safetensors", trainer.model, trainer.optimizer,
                                   step=trainer.state.global_step)
     return {"run": tmp / "run", "last": tmp / "run" / "checkpoint-6", "ours": ours, "pool": pool,
             "log": trainer.state.log_history}
@@ -75,7 +75,7 @@ def test_trainer_checkpoint_featurizes_like_our_checkpoint(tiny_model_dir, hf_ru
 def test_moments_map_by_param_group_order_and_refuse_misfits(tiny_model_dir, hf_run, tmp_path):
     model = modeling.load_adapter(modeling.load_model(str(tiny_model_dir)), hf_run["last"])
     moments, meta = read_trainer_moments(hf_run["last"], model)
-    mine, _ = modeling.load_optimizer_state(hf_run["ours"], list(moments))
+    mine, _ = checkpoint.load_optimizer_state(hf_run["ours"], list(moments))
     for name, (m, v) in moments.items():
         assert torch.equal(m, mine[name][0]) and torch.equal(v, mine[name][1])
     assert meta["step"] == 6 and meta["eps"] == 1e-8

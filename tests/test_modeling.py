@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from rose_select.errors import CheckpointError, ModelLoadError
-from rose_select.modeling import (LoraSettings, attach_lora, canonical_name, load_model, load_optimizer_state,
-                                  load_tokenizer, lora_parameters, resolve_model, save_optimizer_state)
+from rose_select.checkpoint import load_optimizer_state, save_optimizer_state
+from rose_select.modeling import (LoraSettings, attach_lora, canonical_name, load_model, load_tokenizer,
+                                  lora_parameters, resolve_model)
 
 
 def test_canonical_name_strips_prefix_and_adapter():

@@ -97,7 +97,7 @@ def test_changed_selection_settings_redo_only_downstream(tmp_path, tiny_model_di
     capsys.readouterr()
     run = run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert "warmup: done before, skipped" in out and "select/random: settings changed, redoing" in out
+    assert "warmup: done before, skipped" in out and "select/random: settings or inputs changed, redoing" in out
     assert len((run / "select" / "random" / "selected.jsonl").read_text().splitlines()) == 20
 
 

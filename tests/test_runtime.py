@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from rose_select.errors import ConfigError
-from rose_select.features.distributed import available_cores
+from rose_select.runtime import available_cores
 from rose_select.runtime import configure_cpu
 
 

@@ -149,3 +149,23 @@ def test_plots_write_pngs(tmp_path):
     ]
     for p in outs:
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_lone_surrogate_in_an_unused_field_is_written_back_as_valid_utf8(tmp_path):
+    """JSON accepts "\\ud800"; UTF-8 cannot hold it. A pool record's unused field may carry one into
+    selected.jsonl, which must stay valid UTF-8 and give the record back as the pool file had it."""
+    from rose_select.select.stage import SelectConfig, run_select
+
+    rows = [{"id": f"p{i}", "note": "caf\u00e9 \ud800" if i == 0 else "caf\u00e9",
+             "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(3)]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))  # the escape, as such files have it
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    out = run_select(SelectConfig(method="random", pool=str(pool), validation=str(val), count=3, plots=False,
+                                  output=str(tmp_path / "sel")))
+    text = (out / "selected.jsonl").read_bytes().decode("utf-8")  # strict: raises on invalid UTF-8
+    back = {r["id"]: r["note"] for r in map(json.loads, text.splitlines())}
+    assert back == {r["id"]: r["note"] for r in rows}
+    assert "caf\u00e9" in text  # other records keep their characters unescaped

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rose_select import modeling
+from rose_select import checkpoint, modeling
 from rose_select.errors import ConfigError, StoreMismatchError
 from rose_select.modeling import LoraSettings
 from rose_select.tokenization import TokenizeConfig
@@ -90,7 +90,7 @@ def test_warmup_checkpoints_and_resume(tiny_model_dir, tmp_path):
     # Adam moments load by canonical name, shapes match the LoRA parameters
     model = modeling.load_adapter(modeling.load_model(str(tiny_model_dir)), run / "ckpt-2")
     params = modeling.lora_parameters(model)
-    moments, meta = modeling.load_optimizer_state(run / "ckpt-2", list(params))
+    moments, meta = checkpoint.load_optimizer_state(run / "ckpt-2", list(params))
     assert meta["step"] == "6" and float(meta["eps"]) == 1e-8
     for name, p in params.items():
         m, v = moments[name]

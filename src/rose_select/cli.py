@@ -15,7 +15,7 @@ from rose_select import __version__
 from rose_select.config import add_arguments, from_args
 from rose_select.data import validate_file
 from rose_select.errors import RoseError, describe_os_error
-from rose_select.features.distributed import leave_open_group
+from rose_select.distributed import leave_open_group
 from rose_select.modeling import load_adapter, load_model, load_tokenizer
 from rose_select.records import Message
 from rose_select.runtime import configure_cpu, quiet_libraries

@@ -36,6 +36,11 @@ class StoreMismatchError(RoseError, ValueError):
     """An existing artifact was written with other settings; we refuse to mix."""
 
 
+class IncompatibleError(StoreMismatchError):
+    """Two artifacts, each valid on its own, were not made to be used together (another model,
+    checkpoint, projection, data file or subtask layout); names the key and both sides."""
+
+
 class CheckpointError(RoseError, ValueError):
     """A checkpoint is missing something a stage needs (adapter, optimizer state, lr log)."""
 

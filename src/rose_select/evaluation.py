@@ -16,7 +16,11 @@ Without an adapter π = π_ref: every reward and margin is exactly 0 and ``loss/
 
 Test prompts with golden answers (``test/<set>/<set>_<subtask>.json``):
   ``golden/logp``, ``golden/logp_per_token``  summed / per-token log-likelihood of the golden answer
-  ``judge/win_rate``                         win rate of the greedy answer against the golden answer
+  ``judge/win_rate``                         win rate of the greedy answer against the golden answer,
+                                             over the pairs the judge gave a verdict on (``judge/judged``)
+  ``judge/invalid``, ``judge/invalid_share`` pairs an endpoint judge gave no verdict on in the fixed
+                                             form (after its re-asks): left out of the win rate, never
+                                             guessed; past ``judge_max_invalid_share`` the run stops
 
 Judges: ``rose_select.judges`` (local reward model or LM) and ``rose_select.judge_http`` (endpoint).
 """
@@ -29,16 +33,16 @@ from typing import Sequence
 
 import numpy as np
 
-from rose_select import data
+from rose_select import data, verdicts
+from rose_select.checkpoint import check_base_model
 from rose_select.config import require, to_dict
 from rose_select.data import load_test_prompts
-from rose_select.errors import ConfigError, DataError
-from rose_select.features.gradients import response_logprobs
+from rose_select.errors import ConfigError, DataError, JudgeError
 from rose_select.io import atomic_path, write_json, write_jsonl, write_text
-from rose_select.judge_http import HttpJudge, chat_completions_url
+from rose_select.judge_http import HttpJudge, chat_completions_url, one_line
 from rose_select.judges import hh_text, load_judge
-from rose_select.losses import sft_loss_from_packed, sum_per_row
-from rose_select.modeling import ModelSettings, load_adapter, load_model, load_tokenizer
+from rose_select.losses import DpoSettings, response_logprobs, sft_loss_from_packed, sum_per_row
+from rose_select.modeling import ModelSettings, load_adapter, load_model, load_tokenizer, model_identity
 from rose_select.records import Message, PreferenceTriple
 from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tables import markdown
@@ -50,13 +54,13 @@ from rose_select.tokenization import (
     encode_prompt,
     encode_triple,
 )
+from rose_select.verdicts import NoVerdict
 
 
 @dataclass
 class EvalSettings:
     """How a model is measured, whatever the files: the ``evaluate`` section of a run."""
 
-    beta: float = field(default=0.1, metadata={"help": "DPO β of the implicit reward"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     judge: str | None = field(default=None, metadata={"help": "judge (win rate vs golden): a reward model or causal LM, or with judge_url the endpoint's model name"})
     judge_kind: str = field(default="auto", metadata={"help": "auto | reward | pairwise | http (http: with judge_url)"})
@@ -67,11 +71,15 @@ class EvalSettings:
     judge_backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry, doubled each retry (a Retry-After header wins)"})
     judge_rps: float | None = field(default=None, metadata={"help": "at most this many endpoint requests per second"})
     judge_timeout: float = field(default=60.0, metadata={"help": "seconds to wait for one endpoint reply"})
+    judge_protocol: str = field(default="json", metadata={"help": "form of an endpoint verdict: json (the reply is {\"verdict\": \"A\"|\"B\"|\"C\"}) | brackets (MT-Bench: [[A]], [[B]] or [[C]] after any explanation)"})
+    judge_response_format: str = field(default="auto", metadata={"help": "response_format sent with the json protocol, so the server's grammar can only answer a verdict: auto (json_schema, then json_object, then none, as the server rejects each) | json_schema | json_object | none"})
+    judge_reasks: int = field(default=2, metadata={"help": "times an endpoint reply that is no verdict is asked again (with a reminder of the form) before the pair counts as invalid"})
+    judge_max_tokens: int | None = field(default=None, metadata={"help": "longest endpoint reply in tokens (absent: 32 for json, 512 for brackets)"})
+    judge_max_invalid_share: float = field(default=0.1, metadata={"help": "stop with an error once more than this share of the test prompts have no valid verdict (invalid pairs are left out of the win rate and counted)"})
     max_new_tokens: int = field(default=128, metadata={"help": "greedy answer length for the judge"})
 
     def __post_init__(self):
         checks = [
-            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.judge_kind in ("auto", "reward", "pairwise", "http"), f"judge_kind must be auto|reward|pairwise|http, got {self.judge_kind!r}"),
@@ -82,6 +90,12 @@ class EvalSettings:
             (self.judge_backoff >= 0, f"judge_backoff must be >= 0, got {self.judge_backoff}"),
             (self.judge_rps is None or self.judge_rps > 0, f"judge_rps must be > 0, got {self.judge_rps}"),
             (self.judge_timeout > 0, f"judge_timeout must be > 0, got {self.judge_timeout}"),
+            (self.judge_protocol in verdicts.PROTOCOLS, f"judge_protocol must be json|brackets, got {self.judge_protocol!r}"),
+            (self.judge_response_format in verdicts.RESPONSE_FORMAT_CHOICES,
+             f"judge_response_format must be auto|json_schema|json_object|none, got {self.judge_response_format!r}"),
+            (self.judge_reasks >= 0, f"judge_reasks must be >= 0, got {self.judge_reasks}"),
+            (self.judge_max_tokens is None or self.judge_max_tokens >= 1, f"judge_max_tokens must be >= 1, got {self.judge_max_tokens}"),
+            (0 <= self.judge_max_invalid_share <= 1, f"judge_max_invalid_share must be in [0, 1], got {self.judge_max_invalid_share}"),
         ]
         require(checks)
         if self.judge_url:
@@ -90,7 +104,7 @@ class EvalSettings:
 
 
 @dataclass
-class EvalConfig(ModelSettings, EvalSettings):
+class EvalConfig(ModelSettings, EvalSettings, DpoSettings, data.SubtaskSettings):
     """One evaluation: the base model (also π_ref), an optional adapter, held-out pairs and/or test prompts."""
 
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter dir (absent: evaluate the base model)"})
@@ -116,7 +130,9 @@ class EvalConfig(ModelSettings, EvalSettings):
         return HttpJudge(self.judge_url, self.judge, api_key_env=self.judge_api_key_env,
                          cache=self.judge_cache or str(Path(self.output) / "judge_cache.jsonl"),
                          retries=self.judge_retries, backoff=self.judge_backoff, rps=self.judge_rps,
-                         timeout=self.judge_timeout)
+                         timeout=self.judge_timeout, protocol=self.judge_protocol,
+                         response_format=self.judge_response_format, reasks=self.judge_reasks,
+                         max_tokens=self.judge_max_tokens)
 
 # ---------------------------------------------------------------------------- pure metric math
 
@@ -237,7 +253,7 @@ def evaluate_preferences(model, tokenizer, triples: Sequence[PreferenceTriple], 
     if not triples:
         raise DataError("no preference triples to evaluate")
     s = triple_stats(model, tokenizer, triples, cfg.tokenize, cfg.batch_size, device,
-                     reference_cache=cfg.reference_cache, reference_key=f"{cfg.model}\0{cfg.model_dtype}")
+                     reference_cache=cfg.reference_cache, reference_key=f"{model_identity(cfg.model)}\0{cfg.model_dtype}")
     keys = ("pol_w", "pol_l", "ref_w", "ref_l", "n_w", "n_l", "sft_w")
     subtasks = np.array([t.subtask for t in triples])
     per = {name: preference_metrics(*(s[k][subtasks == name] for k in keys), beta=cfg.beta)
@@ -286,11 +302,57 @@ def test_prompts_by_subtask(path, limit: int | None = None) -> dict[str, list[tu
     return grouped
 
 
+def win_rate_metrics(wins: Sequence[float | NoVerdict]) -> dict:
+    """Win rate over the pairs the judge gave a verdict on; the others are counted, never guessed
+    (``judge/win_rate`` is None when no pair has a verdict)."""
+    valid = [w for w in wins if not isinstance(w, NoVerdict)]
+    invalid = len(wins) - len(valid)
+    return {"judge/win_rate": float(np.mean(valid)) if valid else None, "judge/judged": len(valid),
+            "judge/invalid": invalid, "judge/invalid_share": invalid / len(wins) if wins else 0.0}
+
+
+def overall_win_rate(per: Sequence[dict]) -> dict:
+    """``win_rate_metrics`` over all subtasks from theirs (the win rate weighted by judged pairs)."""
+    judged, invalid = sum(m["judge/judged"] for m in per), sum(m["judge/invalid"] for m in per)
+    wins = sum(m["judge/win_rate"] * m["judge/judged"] for m in per if m["judge/judged"])
+    return {"judge/win_rate": wins / judged if judged else None, "judge/judged": judged,
+            "judge/invalid": invalid, "judge/invalid_share": invalid / (judged + invalid) if judged + invalid else 0.0}
+
+
+class InvalidBudget:
+    """Counts the pairs with no verdict and stops the run once they are more than ``max_share`` of
+    all ``total`` pairs: the final share could then only be larger, so no request is wasted."""
+
+    def __init__(self, total: int, max_share: float, where: str):
+        self.total, self.max_share, self.where, self.invalid = total, max_share, where, 0
+
+    def check(self, outcome: float | NoVerdict) -> float | NoVerdict:
+        if isinstance(outcome, NoVerdict):
+            self.invalid += 1
+            if self.invalid > self.max_share * self.total:
+                raise JudgeError(
+                    f"{self.where}: {self.invalid} of {self.total} test prompts have no valid verdict "
+                    f"({self.invalid / self.total:.0%} or more), above judge_max_invalid_share "
+                    f"{self.max_share:.0%}; e.g. the reply {one_line(outcome.reply)!r}. The valid verdicts "
+                    f"are cached and a rerun asks only the rest: use a stronger judge (or a larger "
+                    f"--judge-max-tokens if its replies are cut off), or raise --judge-max-invalid-share")
+        return outcome
+
+
+def _generation(subtask: str, prompt, answer: str, golden: str, outcome) -> dict:
+    row = {"subtask": subtask, "prompt": hh_text(prompt), "answer": answer, "golden": golden}
+    if isinstance(outcome, NoVerdict):
+        return {**row, "win": None, "no_verdict_reply": outcome.reply}
+    return {**row, "win": outcome}
+
+
 def evaluate_test_prompts(model, tokenizer, prompts: dict[str, list], cfg: EvalConfig, judge=None, device="cpu"):
     """Golden-answer log-likelihood (and judge win rate) per subtask; also returns the generations."""
     from tqdm.auto import tqdm
 
     tok_cfg, per, generations = cfg.tokenize, {}, []
+    where = judge.where() if hasattr(judge, "where") else f"judge {cfg.judge!r}"
+    budget = InvalidBudget(sum(map(len, prompts.values())), cfg.judge_max_invalid_share, where)
     for subtask, items in tqdm(prompts.items(), desc="test prompts", disable=progress_disabled()):
         g = golden_stats(model, tokenizer, items, tok_cfg, cfg.batch_size, device)
         m = {"n_prompts": len(items), "golden/logp": float(g["logp"].mean()),
@@ -298,23 +360,23 @@ def evaluate_test_prompts(model, tokenizer, prompts: dict[str, list], cfg: EvalC
         if judge is not None:
             answers = greedy_answers(model, tokenizer, [p for p, _ in items], tok_cfg, cfg.max_new_tokens,
                                      cfg.batch_size, device)
-            wins = [judge.judge(p, a, gold) for (p, gold), a in zip(items, answers)]
-            m["judge/win_rate"] = float(np.mean(wins))
-            generations += [{"subtask": subtask, "prompt": hh_text(p), "answer": a, "golden": gold, "win": w}
-                            for (p, gold), a, w in zip(items, answers, wins)]
+            wins = [budget.check(judge.judge(p, a, gold)) for (p, gold), a in zip(items, answers)]
+            m.update(win_rate_metrics(wins))
+            generations += [_generation(subtask, p, a, gold, w) for (p, gold), a, w in zip(items, answers, wins)]
         per[subtask] = m
     return per, generations
 
 
 def _overall_test(per: dict) -> dict:
-    """Prompt-weighted means of the per-subtask test metrics."""
+    """Prompt-weighted means of the per-subtask golden-answer metrics; the judge's over judged pairs."""
     n = sum(m["n_prompts"] for m in per.values())
     out = {"n_prompts": n}
-    for key in ("golden/logp", "golden/logp_per_token", "judge/win_rate"):
+    for key in ("golden/logp", "golden/logp_per_token"):
         vals = [(m[key], m["n_prompts"]) for m in per.values() if key in m]
         if vals:
             out[key] = sum(v * k for v, k in vals) / sum(k for _, k in vals)
-    return out
+    judged = [m for m in per.values() if "judge/judged" in m]
+    return {**out, **overall_win_rate(judged)} if judged else out
 
 # ---------------------------------------------------------------------------- stage
 
@@ -331,7 +393,7 @@ def _load_triples(cfg: EvalConfig) -> list[PreferenceTriple]:
     for path in cfg.preferences:
         if not Path(path).exists():
             raise ConfigError(f"preference file not found: {path}")
-        triples += data.load_preferences(path, format=cfg.preference_format)
+        triples += data.load_preferences(path, format=cfg.preference_format, **cfg.subtask_kwargs())
     if cfg.limit:
         counts: dict[str, int] = {}
         kept = []
@@ -353,7 +415,8 @@ def run_evaluate(cfg: EvalConfig, triples: Sequence[PreferenceTriple] | None = N
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
-    if cfg.adapter:
+    if cfg.adapter:  # trained on this base model, which is then also the reference (adapter off)
+        check_base_model(cfg.adapter, cfg.model, user="rose evaluate")
         model = load_adapter(model, cfg.adapter, trainable=False).eval()
     metrics = {"config": to_dict(cfg), "overall": {}, "per_subtask": {}}
     if triples:
@@ -365,7 +428,7 @@ def run_evaluate(cfg: EvalConfig, triples: Sequence[PreferenceTriple] | None = N
         per_test, generations = evaluate_test_prompts(model, tokenizer, test_prompts_by_subtask(cfg.test_prompts, cfg.limit),
                                                       cfg, judge, device)
         if hasattr(judge, "stats"):  # endpoint judge: requests sent, retries, verdicts served from the cache
-            metrics["judge_usage"] = dict(judge.stats)
+            metrics["judge_usage"] = {**judge.stats, "protocol": judge.protocol, "response_format": judge.response_format}
         for name, m in per_test.items():
             metrics["per_subtask"].setdefault(name, {}).update(m)
         metrics["overall"].update(_overall_test(per_test))

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,11 +42,22 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(row) -> str:
+    """One JSON line that is valid UTF-8: other characters as they are, but a record holding a lone
+    surrogate (JSON accepts ``"\\ud800"``, UTF-8 cannot hold it; e.g. in a pool record's unused
+    field, which a selection writes back) is written with ``\\u`` escapes, as its input file had it."""
+    line = json.dumps(row, ensure_ascii=False)
+    return json.dumps(row) if _SURROGATE.search(line) else line
+
+
 def write_jsonl(path: str | os.PathLike, rows) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json_line(row) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

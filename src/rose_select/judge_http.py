@@ -1,17 +1,25 @@
 """A judge behind any OpenAI-compatible chat endpoint (``POST <url>/chat/completions``).
 
 The paper's metric: the model's greedy answer against the golden answer, judged by a strong LM.
-``HttpJudge.judge`` asks the endpoint ``JUDGE_PROMPT`` twice, once with the model's answer as A and
-once as B, and combines the two verdicts with ``pairwise_outcome`` (1 both prefer the model answer,
-0 both prefer golden, 0.5 the orders disagree), which cancels a judge's position bias.
+``HttpJudge.judge`` asks the endpoint twice, once with the model's answer as A and once as B, for a
+verdict in the fixed form of its protocol (``verdicts``: a JSON object, or MT-Bench's ``[[A]]``), and
+combines the two with ``both_orders_outcome``, which cancels a judge's position bias. A reply that
+is not a verdict is re-asked ``reasks`` times with a reminder of the form; then the pair is a
+``NoVerdict``, which the caller counts and leaves out of the win rate.
 
-What makes it usable against a paid or shared endpoint:
+What makes it usable against a paid, shared or small local endpoint:
+  - ``response_format`` with the verdict's JSON schema, so a server with grammar support can only
+    answer a verdict; ``auto`` tries OpenAI's ``json_schema``, then ``json_object`` with a schema,
+    then none, each time a server rejects the field (an error naming it: HTTP 400 or 422, or 500
+    from llama-cpp-python's server);
   - retries with exponential backoff (``Retry-After`` honoured) on 429, 5xx, timeouts and refused
     or dropped connections;
   - a client-side rate limit (``rps``, requests per second);
   - a persistent cache of verdicts (JSON lines), keyed by the endpoint's model name and the exact
-    messages sent (conversation, both answers, their order), so a rerun costs no requests;
-  - one-line ``JudgeError``s: unreachable, API key refused, malformed reply, retries exhausted.
+    messages first sent (conversation, both answers, their order, the protocol's instructions), so a
+    rerun asks only what has no verdict yet; a reply that is no verdict is never cached;
+  - one-line ``JudgeError``s: unreachable, API key refused, a request the server rejects, a reply
+    that is not a chat completion, retries exhausted.
 
 HTTP is the standard library's ``urllib``: one POST per verdict needs no client library, and the
 package gains no dependency. Proxies from the environment apply, except for loopback endpoints.
@@ -33,11 +41,12 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from rose_select import verdicts
 from rose_select.errors import ConfigError, JudgeError
-from rose_select.judges import JUDGE_PROMPT, hh_text, pairwise_outcome
+from rose_select.judges import hh_text
 from rose_select.records import Message
+from rose_select.verdicts import NoVerdict
 
-SYSTEM_PROMPT = "You are an impartial judge. Reply with a single letter, A or B, and nothing else."
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 60.0
 
@@ -65,24 +74,6 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_LEADING = re.compile(r"^[^\w]*(?:(?i:response|answer|verdict)[^\w]*)?([AB])(?!\w)")
-_NAMED = re.compile(r"\b(?i:response)\s+([AB])(?!\w)")
-
-
-def parse_verdict(text: str) -> str | None:
-    """``"A"`` or ``"B"`` from a judge's reply, or None if it names neither (or both) of them.
-    Accepts "A", "B.", "**B**", "Answer: A", "Response B is better", "I prefer Response A"."""
-    text = _THINK.sub("", text).strip()
-    if text.strip(" .*\"'`").upper() in ("A", "B"):  # the whole reply is the letter ("a" too)
-        return text.strip(" .*\"'`").upper()
-    m = _LEADING.match(text)
-    if m:
-        return m.group(1)
-    named = set(_NAMED.findall(text))
-    return named.pop() if len(named) == 1 else None
-
-
 def verdict_key(model: str, messages: Sequence[dict]) -> str:
     """Cache key: the endpoint's model name and the exact messages (so prompt, both answers and
     their order, and the judge instructions)."""
@@ -90,7 +81,7 @@ def verdict_key(model: str, messages: Sequence[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def one_line(text: str, limit: int = 160) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -111,7 +102,7 @@ class VerdictCache:
             for line in raw.splitlines():
                 try:
                     row = json.loads(line)
-                    if row.get("verdict") in ("A", "B"):
+                    if row.get("verdict") in verdicts.LABELS:
                         self.entries[row["key"]] = row["verdict"]
                 except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
                     continue
@@ -152,66 +143,115 @@ class RateLimiter:
 
 # ---------------------------------------------------------------------------- the judge
 
+class RejectedRequest(JudgeError):
+    """The endpoint refused the request itself: a 4xx other than 401/403/429, or an error that
+    names the ``response_format`` sent."""
+
+    def __init__(self, message: str, body: str):
+        super().__init__(message)
+        self.body = body
+
+
 class HttpJudge:
     """Pairwise judge behind an OpenAI-compatible chat endpoint; same interface as the local judges
-    (``judge(messages, model_answer, golden) -> 1 | 0.5 | 0``)."""
+    (``judge(messages, model_answer, golden) -> 1 | 0.5 | 0``), plus ``NoVerdict`` for a pair the
+    endpoint gave no verdict for."""
 
     def __init__(self, url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  cache: str | os.PathLike | None = None, retries: int = 4, backoff: float = 1.0,
-                 rps: float | None = None, timeout: float = 60.0, max_tokens: int = 16):
-        self.url, self.model = chat_completions_url(url), model
+                 rps: float | None = None, timeout: float = 60.0, protocol: str = "json",
+                 response_format: str = "auto", reasks: int = 2, max_tokens: int | None = None):
+        self.url, self.model, self.protocol, self.reasks = chat_completions_url(url), model, protocol, reasks
         self.api_key_env = api_key_env or None
         self.api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        self.retries, self.backoff, self.timeout, self.max_tokens = retries, backoff, timeout, max_tokens
+        self.retries, self.backoff, self.timeout = retries, backoff, timeout
+        self.max_tokens = max_tokens or verdicts.DEFAULT_MAX_TOKENS[protocol]
+        self.formats = verdicts.response_formats(protocol, response_format)
         self.cache, self.limiter = VerdictCache(cache), RateLimiter(rps)
         proxies = urllib.request.ProxyHandler({} if is_loopback(self.url) else None)
         self._opener = urllib.request.build_opener(proxies)
-        self.stats = {"requests": 0, "retries": 0, "cache_hits": 0, "verdicts": 0}
+        self.stats = {"requests": 0, "retries": 0, "cache_hits": 0, "verdicts": 0, "not_verdicts": 0, "reasks": 0}
 
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"judge endpoint {self.url} (model {self.model!r})"
 
-    def messages(self, conversation: Sequence[Message], a: str, b: str) -> list[dict]:
-        user = JUDGE_PROMPT.format(conversation=hh_text(conversation).strip(), a=a, b=b)
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    @property
+    def response_format(self) -> str:
+        """The ``response_format`` sent now (``none`` once the server rejected the others)."""
+        return self.formats[0]
 
-    def prefers_a(self, conversation: Sequence[Message], a: str, b: str) -> bool:
+    def messages(self, conversation: Sequence[Message], a: str, b: str) -> list[dict]:
+        user = verdicts.user_prompt(self.protocol, hh_text(conversation).strip(), a, b)
+        return [{"role": "system", "content": verdicts.SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+    def verdict(self, conversation: Sequence[Message], a: str, b: str) -> str | NoVerdict:
+        """The verdict (A, B or C) on the pair in this order, from the cache or the endpoint."""
         msgs = self.messages(conversation, a, b)
         key = verdict_key(self.model, msgs)
-        verdict = self.cache.get(key)
-        if verdict is not None:
+        cached = self.cache.get(key)
+        if cached is not None:
             self.stats["cache_hits"] += 1
-            return verdict == "A"
+            return cached
         reply = self._complete(msgs)
-        verdict = parse_verdict(reply)
+        verdict = verdicts.parse(self.protocol, reply)
+        for _ in range(self.reasks if verdict is None else 0):
+            self.stats["not_verdicts"] += 1
+            self.stats["reasks"] += 1
+            reply = self._complete(self.reask_messages(msgs, reply))
+            verdict = verdicts.parse(self.protocol, reply)
+            if verdict is not None:
+                break
         if verdict is None:
-            raise JudgeError(f"{self._where()} returned malformed output: expected A or B, got {_one_line(reply)!r}")
+            self.stats["not_verdicts"] += 1
+            return NoVerdict(reply)
         self.cache.put(key, verdict, model=self.model, reply=reply)
         self.stats["verdicts"] += 1
-        return verdict == "A"
+        return verdict
 
-    def judge(self, conversation, model_answer: str, golden: str) -> float:
-        return pairwise_outcome(self.prefers_a(conversation, model_answer, golden),
-                                self.prefers_a(conversation, golden, model_answer))
+    def reask_messages(self, msgs: list[dict], reply: str) -> list[dict]:
+        """The question again, with the reply that was no verdict and a reminder of the form."""
+        return [*msgs, {"role": "assistant", "content": reply},
+                {"role": "user", "content": verdicts.REMINDERS[self.protocol]}]
+
+    def judge(self, conversation, model_answer: str, golden: str) -> float | NoVerdict:
+        """Both orders; a pair with no verdict in either order is a ``NoVerdict`` (never a guess)."""
+        first = self.verdict(conversation, model_answer, golden)
+        second = self.verdict(conversation, golden, model_answer)
+        missing = [v for v in (first, second) if isinstance(v, NoVerdict)]
+        return missing[0] if missing else verdicts.both_orders_outcome(first, second)
 
     # ------------------------------------------------------------------------ HTTP
 
     def _complete(self, msgs: list[dict]) -> str:
-        """The reply text of one chat completion (greedy), with retries on transient failures."""
-        body = json.dumps({"model": self.model, "messages": msgs, "temperature": 0,
-                           "max_tokens": self.max_tokens}).encode()
-        status, payload = self._post_with_retries(body)
+        """The reply text of one chat completion (greedy), with retries on transient failures and
+        the next ``response_format`` when the server rejects the one sent."""
+        while True:
+            body = {"model": self.model, "messages": msgs, "temperature": 0, "max_tokens": self.max_tokens}
+            if verdicts.RESPONSE_FORMATS[self.response_format] is not None:
+                body["response_format"] = verdicts.RESPONSE_FORMATS[self.response_format]
+            try:
+                status, payload = self._post_with_retries(json.dumps(body).encode(), "response_format" in body)
+                return self._content(status, payload)
+            except RejectedRequest as e:
+                if len(self.formats) == 1 or not _names_response_format(e.body):
+                    raise
+                self.formats.pop(0)
+
+    def _content(self, status: int, payload: bytes) -> str:
         try:
             data = json.loads(payload)
             content = data["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"{self._where()} returned malformed output (HTTP {status}), not a chat completion: "
-                             f"{_one_line(payload.decode('utf-8', 'replace'))!r}") from None
+            raise JudgeError(f"{self.where()} returned malformed output (HTTP {status}), not a chat completion: "
+                             f"{one_line(payload.decode('utf-8', 'replace'))!r}") from None
         if not isinstance(content, str):
-            raise JudgeError(f"{self._where()} returned malformed output: message content is {content!r}")
+            raise JudgeError(f"{self.where()} returned malformed output: message content is {content!r}")
         return content
 
-    def _post_with_retries(self, body: bytes) -> tuple[int, bytes]:
+    def _post_with_retries(self, body: bytes, has_format: bool = False) -> tuple[int, bytes]:
+        """(status, payload) of a 200; a 4xx, or with ``has_format`` any error naming the
+        ``response_format`` (llama-cpp-python's server answers that with HTTP 500), is a
+        ``RejectedRequest`` at once; 429, 5xx and network failures are retried."""
         problem = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -224,22 +264,22 @@ class HttpJudge:
                 reason = getattr(e, "reason", None) or e
                 timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
                 problem = (f"no reply within {self.timeout:g} s" if timed_out
-                           else f"unreachable ({_one_line(reason)})")
+                           else f"unreachable ({one_line(reason)})")
                 retry_after = None
             else:
                 if status == 200:
                     return status, payload
                 if status in (401, 403):
-                    raise JudgeError(f"{self._where()} refused the API key (HTTP {status}): {self._key_hint()}")
-                if status not in RETRY_STATUSES and status < 500:
-                    raise JudgeError(f"{self._where()} answered HTTP {status}: "
-                                     f"{_one_line(payload.decode('utf-8', 'replace'))!r}")
+                    raise JudgeError(f"{self.where()} refused the API key (HTTP {status}): {self._key_hint()}")
+                text = payload.decode("utf-8", "replace")
+                if (status not in RETRY_STATUSES and status < 500) or (has_format and _names_response_format(text)):
+                    raise RejectedRequest(f"{self.where()} answered HTTP {status}: {one_line(text)!r}", text)
                 problem = f"HTTP {status}"
                 retry_after = _retry_after_seconds(headers.get("Retry-After"))
             if attempt < self.retries:
                 time.sleep(retry_after if retry_after is not None else self.backoff * 2 ** attempt)
         tries = self.retries + 1
-        raise JudgeError(f"{self._where()} failed after {tries} {'try' if tries == 1 else 'tries'}: {problem}")
+        raise JudgeError(f"{self.where()} failed after {tries} {'try' if tries == 1 else 'tries'}: {problem}")
 
     def _post(self, body: bytes):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -261,6 +301,12 @@ class HttpJudge:
         if self.api_key is None:
             return f"no API key was sent: ${self.api_key_env} is not set"
         return f"check the key in ${self.api_key_env}"
+
+
+def _names_response_format(body: str) -> bool:
+    """Whether a rejection is about ``response_format`` (then the next one is tried), not, say,
+    a prompt longer than the judge's context."""
+    return bool(re.search(r"response_format|json_schema|json_object", body, re.IGNORECASE))
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

@@ -7,8 +7,9 @@ Judges (``judge``; ``judge_kind`` auto-detects from the model config, or ``http`
                 sign of logit(" A") − logit(" B") at the next token. Each pair is judged in both
                 orders to cancel position bias: both orders prefer the model answer = 1, both the
                 golden answer = 0, the orders disagree = 0.5.
-  ``http``      the model ``judge`` behind an OpenAI-compatible chat endpoint ``judge_url``, asked the
-                same prompt in both orders, with retries, rate limit and a verdict cache (``judge_http``).
+  ``http``      the model ``judge`` behind an OpenAI-compatible chat endpoint ``judge_url``, asked in
+                both orders for a verdict in a fixed form (``verdicts``), with retries, rate limit
+                and a verdict cache (``judge_http``); a pair it gives no verdict for is counted, not guessed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Sequence
 from rose_select.errors import ModelLoadError
 from rose_select.modeling import load_model, load_tokenizer
 from rose_select.records import Message
+from rose_select.verdicts import both_orders_outcome
 
 JUDGE_PROMPT = (
     "Below is a conversation between a human and an AI assistant, followed by two candidate "
@@ -38,8 +40,7 @@ def reward_outcome(score_model: float, score_golden: float) -> float:
 def pairwise_outcome(model_first_prefers_a: bool, golden_first_prefers_a: bool) -> float:
     """Both-orders pairwise judgement. Order 1 shows (A=model, B=golden), order 2 (A=golden,
     B=model). 1 if both orders prefer the model answer, 0 if both prefer golden, else 0.5."""
-    votes = int(model_first_prefers_a) + int(not golden_first_prefers_a)
-    return votes / 2.0
+    return both_orders_outcome("A" if model_first_prefers_a else "B", "A" if golden_first_prefers_a else "B")
 
 # ---------------------------------------------------------------------------- judges
 

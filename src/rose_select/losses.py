@@ -7,11 +7,32 @@ logits are float64), whatever the compute dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rose_select.errors import ConfigError
 from rose_select.tokenization import IGNORE_INDEX
+
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class DpoSettings:
+    """DPO's β, one value wherever a run uses it: the pairwise loss featurize differentiates (β
+    scales each triple's gradient and sets its weight σ(-β·margin); cosine scores with ``ref: auto``
+    do not depend on it) and the implicit reward β·log(π/π_ref), reward margins and DPO loss
+    evaluate reports (accuracy does not depend on it). A base of ``FeaturizeConfig``, ``EvalConfig``
+    and ``RunConfig`` (the run's top-level ``beta``)."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: of the pairwise loss featurized and of the implicit reward evaluated"})
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        getattr(super(), "__post_init__", lambda: None)()
 
 
 def _shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,3 +88,56 @@ def sft_loss_from_packed(logp: Tensor, rows: Tensor, n_rows: int) -> Tensor:
 def dpo_loss(pol_w: Tensor, pol_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float = 0.1) -> Tensor:
     """DPO loss per triple: ``-logsigmoid(beta * ((pol_w - ref_w) - (pol_l - ref_l)))``."""
     return -F.logsigmoid(beta * ((pol_w - ref_w) - (pol_l - ref_l)))
+
+# --------------------------------------------------------------------------- on a model: the engine's losses
+# (shared by featurization, training and evaluation, so none of them imports another's wing)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def forward_logits(model, batch: dict) -> Tensor:
+    return model(**model_inputs(batch), use_cache=False).logits
+
+
+def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the response tokens only, packed: ``(logp [n], row [n])``.
+
+    The output head and the log-softmax run only where a label is predicted: a pre-hook on the
+    model's output embeddings hands it the hidden states of those positions. Over a 50k vocabulary
+    the head and softmax are a large share of a small model's cost, and prompt positions need
+    neither. Equal to ``losses.token_logprobs`` at the response positions (tested).
+    """
+
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+
+    def select(_mod, args):
+        hidden = args[0]
+        if hidden.shape[:2] != keep.shape:
+            raise ConfigError(f"the output head received hidden states {list(hidden.shape)}; expected "
+                              f"[batch, seq, hidden] = {list(keep.shape)} + [...] (an unusual model head?)")
+        return (hidden[keep], *args[1:])
+
+    owner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    handle = owner.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        logits = model(**model_inputs(batch), use_cache=False).logits
+    finally:
+        handle.remove()
+    targets = labels[:, 1:][keep[:, :-1]]
+    return packed_logprobs(logits, targets), keep.nonzero()[:, 0]
+
+
+def sft_loss_fn(model, batch: dict) -> Tensor:
+    """Per-row SFT loss (mean token cross-entropy over response tokens)."""
+    logp, rows = response_logprobs(model, batch)
+    return sft_loss_from_packed(logp, rows, batch["labels"].shape[0])
+
+
+def sequence_logprob_of(model, batch: dict) -> Tensor:
+    """Per-row summed log-probability of the response tokens (DPO's sequence log-prob)."""
+    logp, rows = response_logprobs(model, batch)
+    return sum_per_row(logp, rows, batch["labels"].shape[0])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rose_select.errors import CheckpointError, ConfigError, ModelLoadError
-from rose_select.io import atomic_path, content_fingerprint, write_dir_atomically
+from rose_select.io import content_fingerprint, write_dir_atomically
 
 EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -198,49 +198,3 @@ def lora_parameters(model) -> "OrderedDict[str, object]":
     if not out:
         raise ConfigError("the model has no trainable (LoRA) parameters")
     return out
-
-
-def save_optimizer_state(path: str | Path, model, optimizer, *, step: int) -> None:
-    """Adam moments keyed by canonical parameter name, in safetensors (no pickle)."""
-    group = optimizer.param_groups[0]
-    moments = {name: (optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])
-               for name, p in lora_parameters(model).items() if "exp_avg" in optimizer.state.get(p, {})}
-    save_adam_moments(path, moments, step=step, beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
-
-
-def save_adam_moments(path: str | Path, moments: dict, *, step: int, beta1: float = 0.9, beta2: float = 0.999,
-                      eps: float = 1e-8) -> None:
-    """``{canonical name: (exp_avg, exp_avg_sq)}`` as ``optimizer_state.safetensors``, the one
-    format ``load_optimizer_state`` reads."""
-    import torch
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, (m, v) in moments.items():
-        tensors[f"exp_avg/{name}"] = m.detach().to("cpu", torch.float32).contiguous()
-        tensors[f"exp_avg_sq/{name}"] = v.detach().to("cpu", torch.float32).contiguous()
-    meta = {"step": str(step), "beta1": str(beta1), "beta2": str(beta2), "eps": str(eps)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def load_optimizer_state(ckpt_dir: str | Path, names) -> tuple[dict, dict]:
-    """Moments for ``names`` -> ({name: (exp_avg, exp_avg_sq)}, metadata). Refuses pickles."""
-    from safetensors import safe_open
-
-    ckpt_dir = Path(ckpt_dir)
-    path = ckpt_dir / "optimizer_state.safetensors"
-    if not path.exists():
-        found = sorted(p.name for p in ckpt_dir.glob("*")) if ckpt_dir.exists() else "directory missing"
-        raise CheckpointError(f"{ckpt_dir}: no optimizer_state.safetensors (nor a Trainer's optimizer.pt/.bin), "
-                              f"needed for Adam-preconditioned features (found: {found}); re-run the warm-up "
-                              "with rose, or featurize with --adam false.")
-    with safe_open(str(path), framework="pt") as f:
-        keys, meta = set(f.keys()), f.metadata() or {}
-        missing = [n for n in names if f"exp_avg/{n}" not in keys or f"exp_avg_sq/{n}" not in keys]
-        if missing:
-            stored = sorted(k.split("/", 1)[1] for k in keys if k.startswith("exp_avg/"))
-            raise CheckpointError(f"{path}: optimizer state lacks {len(missing)} of {len(list(names))} LoRA "
-                                  f"parameters, e.g. {missing[:3]}; it has e.g. {stored[:3]}. Was it written "
-                                  "for a different LoRA rank or target modules?")
-        return {n: (f.get_tensor(f"exp_avg/{n}"), f.get_tensor(f"exp_avg_sq/{n}")) for n in names}, meta

@@ -1,10 +1,12 @@
 """``rose run``: warm-up -> featurize -> select -> train -> evaluate, resumable stage by stage.
 
-Each stage's resolved config (plus the fingerprints of its inputs) is hashed; ``stages.json``
-records the hash a stage started with and whether it finished. A rerun skips finished stages
-whose hash is unchanged, resumes unfinished ones (stages resume internally: warm-up from its
-last checkpoint, featurization from its done-mask) and redoes, from scratch, stages whose
-settings changed.
+Each stage's resolved config plus the content of every input it reads (the model, the pool and
+validation files, the warm-up checkpoint, the feature stores, the selection, the adapter) is
+hashed; ``stages.json`` records the hash a stage started with and whether it finished. A rerun
+skips finished stages whose hash is unchanged, resumes unfinished ones (stages resume internally:
+warm-up from its last checkpoint, featurization from its done-mask) and redoes, from scratch,
+stages whose settings or inputs changed, so a resumed stage never pairs with an input it did not
+read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rose_select.costs import (
     tree_bytes,
 )
 from rose_select.data import (
+    SubtaskSettings,
     find_heldout_file,
     first_per_subtask,
     heldout_pairs,
@@ -34,8 +37,9 @@ from rose_select.data.builtin import BUILTIN, resolve_input
 from rose_select.errors import ConfigError, DataError
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
-from rose_select.io import read_json, sha256_file, sha256_json, write_json, write_text
-from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.io import content_fingerprint, read_json, sha256_file, sha256_json, write_json, write_text
+from rose_select.losses import DpoSettings
+from rose_select.modeling import LoraSettings, ModelSettings, model_identity
 from rose_select.select.methods import (
     GRADIENT_METHODS,
     METHODS,
@@ -45,6 +49,7 @@ from rose_select.select.methods import (
 from rose_select.select.stage import (
     SelectConfig,
     SelectSettings,
+    fingerprint as select_fingerprint,
     method_settings,
     run_select,
 )
@@ -56,7 +61,7 @@ from rose_select.select.topk import (
 )
 from rose_select.tables import markdown
 from rose_select.tokenization import TokenizeConfig
-from rose_select.train.checkpoints import read_warmup_checkpoints
+from rose_select.checkpoint import read_warmup_checkpoints
 from rose_select.train.stage import (
     Schedule,
     TrainConfig,
@@ -71,9 +76,14 @@ class WarmupSection(Schedule):
     fraction: float = field(default=0.05, metadata={"help": "random fraction of the pool for the warm-up"})
 
 
+_ONE_BETA = "beta (the run's top level: one DPO beta for featurize and evaluate)"
+
+
 @dataclass
 class FeaturizeSection(FeatureSettings):
     checkpoints: list[int] | None = field(default=None, metadata={"help": "warm-up epochs to use (default: all)"})
+
+    RENAMED = {**FeatureSettings.RENAMED, "beta": _ONE_BETA}
 
 
 @dataclass
@@ -98,9 +108,11 @@ class EvaluateSection(EvalSettings):
     limit_per_subtask: int | None = field(default=None, metadata={"help": "held-out triples per subtask (None: all)"})
     test_prompts: str | None = field(default=None, metadata={"help": "test prompt dir/file with golden answers (optional)"})
 
+    RENAMED = {"beta": _ONE_BETA}
+
 
 @dataclass
-class RunConfig(ModelSettings):
+class RunConfig(ModelSettings, SubtaskSettings, DpoSettings):
     """A whole run. Its sections are the stages' own settings classes, handed to them whole."""
 
     output_dir: str = field(default="runs/demo", metadata={"help": "run directory"})
@@ -108,7 +120,6 @@ class RunConfig(ModelSettings):
     pool_format: str = field(default="auto", metadata={"help": "pool format"})
     pool_limit: int | None = field(default=None, metadata={"help": "use the first N pool records"})
     validation: str = field(default=f"{BUILTIN}rose_data/validation/shp/shp_5_shot/shp_5_shot_preference.json", metadata={"help": "target-task preference file"})
-    num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of the validation file (default: inferred)"})
     seed: int = field(default=42, metadata={"help": "seed of warm-up subset, training and random selection"})
     project_pool_size: int | None = field(default=None, metadata={"help": "cost table: also project each stage's time, device-hours and bytes to a pool of this many examples"})
     shared_dir: str | None = field(default=None, metadata={"help": "keep target-independent artifacts (warm-up, pool features, full-data training) under SHARED_DIR/<fingerprint>/ so runs on other targets reuse them"})
@@ -141,7 +152,7 @@ class StageLedger:
             print(f"[rose run] {key}: done before, skipped")
             return entry.get("result")
         if entry and entry["fingerprint"] != fingerprint:
-            print(f"[rose run] {key}: settings changed, redoing")
+            print(f"[rose run] {key}: settings or inputs changed, redoing")
             for p in outputs:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         self._set(key, {"fingerprint": fingerprint, "done": False})
@@ -185,7 +196,8 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
         settings["ref"] = "base"
     needed = set().union(*[stores_needed(m, **{k: v for k, v in method_settings(cfg.select, m).items()
                                                  if k in ("direction", "chosen_weight")}) for m in methods])
-    common = dict(**_model(cfg), **settings, lora=cfg.lora, tokenize=cfg.tokenize)
+    common = dict(**_model(cfg), **settings, **section_fields(cfg, DpoSettings), lora=cfg.lora, tokenize=cfg.tokenize)
+    layout = section_fields(cfg, SubtaskSettings)  # the validation file's subtasks, as select reads it
     jobs = []
     for ck in ckpts:
         base = run / "features" / ck.name
@@ -197,12 +209,12 @@ def featurize_jobs(cfg: RunConfig, run: Path, shared: Path, pool: str, validatio
         joint = "pairwise" in needed and "sft_chosen" in needed
         if "pairwise" in needed:  # with the chosen-answer store: one pass writes both (features/joint.py)
             kinds.append(("val_pairwise" + ("+val_sft" if joint else ""),
-                          dict(data=validation, data_kind="preference", loss="pairwise", adam=False,
+                          dict(data=validation, data_kind="preference", loss="pairwise", adam=False, **layout,
                                chosen_output=str(base / "val_sft") if joint else None),
                           base / "val_pairwise"))
         for loss, store in (("sft_chosen", "val_sft"), ("sft_rejected", "val_sft_rejected")):
             if loss in needed and not (joint and loss == "sft_chosen"):
-                kinds.append((store, dict(data=validation, data_kind="preference", loss=loss, adam=False),
+                kinds.append((store, dict(data=validation, data_kind="preference", loss=loss, adam=False, **layout),
                               base / store))
         jobs += [(f"featurize/{ck.name}/{kind}", FeaturizeConfig(**common, **io, checkpoint=str(ck), output=str(out)))
                  for kind, io, out in kinds]
@@ -234,8 +246,8 @@ def select_config(cfg: RunConfig, run: Path, shared: Path, method: str, pool: st
         weights = [lrs[str(c)] for c in ckpts]
     return compose(
         SelectConfig, _model(cfg), method_settings(cfg.select, method),
+        section_fields(cfg, SubtaskSettings),
         method=method, pool=pool, pool_format=cfg.pool_format, pool_limit=cfg.pool_limit, validation=validation,
-        num_subtasks=cfg.num_subtasks,
         pool_features=[str(shared / "features" / c.name / "pool") for c in ckpts] if grad else [],
         val_features=[str(feats / c.name / val_kind) for c in ckpts] if grad else [],
         val_chosen_features=[str(feats / c.name / "val_sft") for c in ckpts] if rose_family else [],
@@ -251,7 +263,8 @@ def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool =
     settings = section_fields(cfg.evaluate, EvalSettings)
     if not test_prompts:
         settings.update(judge=None, judge_url=None)
-    return compose(EvalConfig, _model(cfg), settings, tokenize=cfg.tokenize, reference_cache=str(reference_cache),
+    return compose(EvalConfig, _model(cfg), settings, section_fields(cfg, DpoSettings),
+                   section_fields(cfg, SubtaskSettings), tokenize=cfg.tokenize, reference_cache=str(reference_cache),
                    test_prompts=cfg.evaluate.test_prompts if test_prompts else None, output=str(output),
                    **overrides)
 
@@ -259,7 +272,7 @@ def eval_config(cfg: RunConfig, *, output, reference_cache, test_prompts: bool =
 def heldout_triples(cfg: RunConfig, validation: str):
     """Held-out pairs: the larger-shot file minus every prompt used for selection (deterministic)."""
 
-    kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
+    kw = cfg.subtask_kwargs()
     source = resolve_input(cfg.evaluate.heldout) if cfg.evaluate.heldout else str(find_heldout_file(validation))
     triples = first_per_subtask(heldout_pairs(load_preferences(source, **kw), load_preferences(validation, **kw)),
                                 cfg.evaluate.limit_per_subtask)
@@ -294,10 +307,10 @@ def _start(cfg: RunConfig) -> _Run:
             raise DataError("file not found", path=path, field=name)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
-    data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation)}
+    data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation), "model": model_identity(cfg.model)}
     run = _Run(cfg, run_dir, pool, validation, data_fp, StageLedger(run_dir))
     run.warm, run.train = training_configs(cfg, run_dir, pool)
-    run.fp_warm = _fp(replace(run.warm, output=""), data_fp["pool"])
+    run.fp_warm = _fp(replace(run.warm, output=""), data_fp["pool"], data_fp["model"])
     run.shared = Path(cfg.shared_dir) / f"warmup-{run.fp_warm}" if cfg.shared_dir else run_dir
     run.shared_ledger = StageLedger(run.shared) if cfg.shared_dir else run.ledger
     run.warm = replace(run.warm, output=str(run.shared / "warmup"))
@@ -309,9 +322,11 @@ def _warmup_and_features(run: _Run) -> list[Path]:
     run.shared_ledger.run("warmup", run.fp_warm, [run.shared / "warmup"], lambda: str(run_warmup(run.warm)))
     ckpts = _checkpoints(run.cfg, run.shared / "warmup")
     for key, fcfg in featurize_jobs(run.cfg, run.dir, run.shared, run.pool, run.validation, ckpts):
-        where = run.shared_ledger if key.endswith("/pool") else run.ledger
+        pool_job = key.endswith("/pool")
+        where = run.shared_ledger if pool_job else run.ledger
         outs = [Path(p) for p in (fcfg.output, fcfg.chosen_output) if p]
-        where.run(key, _fp(fcfg, run.fp_warm), outs, lambda c=fcfg: str(run_featurize(c)))
+        inputs = [content_fingerprint(fcfg.checkpoint), None if pool_job else run.data_fp["validation"]]
+        where.run(key, _fp(fcfg, run.fp_warm, *inputs), outs, lambda c=fcfg: str(run_featurize(c)))
     return ckpts
 
 
@@ -319,19 +334,20 @@ def _select_all(run: _Run, ckpts: list[Path]) -> None:
     fp_feat = _fp(run.cfg.featurize, run.fp_warm)
     for method in run.cfg.select.methods:
         scfg = select_config(run.cfg, run.dir, run.shared, method, run.pool, run.validation, ckpts)
-        run.ledger.run(f"select/{method}", _fp(scfg, fp_feat), [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
+        fp = _fp(select_fingerprint(scfg), fp_feat)  # the stores' and files' contents included
+        run.ledger.run(f"select/{method}", fp, [Path(scfg.output)], lambda c=scfg: str(run_select(c)))
 
 
 def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
     """The final model of one method (the full pool's is shared by every target); its fingerprint."""
     if method == "full":
         tcfg = replace(run.train, full=True, output=str(run.shared / "train" / "full"))
-        fp_train = _fp(replace(tcfg, output=""), run.data_fp["pool"])
+        fp_train = _fp(replace(tcfg, output=""), run.data_fp["pool"], run.data_fp["model"])
         run.shared_ledger.run("train/full", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
     else:
         sel = run.dir / "select" / method / "selected.jsonl"
         tcfg = replace(run.train, full=False, selection=str(sel), output=str(run.dir / "train" / method))
-        fp_train = _fp(tcfg, run.ledger.state[f"select/{method}"]["fingerprint"])
+        fp_train = _fp(tcfg, run.ledger.state[f"select/{method}"]["fingerprint"], sha256_file(sel))
         run.ledger.run(f"train/{method}", fp_train, [Path(tcfg.output)], lambda c=tcfg: str(run_train(c)))
     return tcfg, fp_train
 
@@ -339,7 +355,8 @@ def _train_method(run: _Run, method: str) -> tuple[TrainConfig, str]:
 def _train_and_evaluate(run: _Run, triples) -> None:
     """The base model, then each method's final model, on the same held-out pairs."""
     reference_cache = run.dir / "eval" / "reference_logps.npz"
-    fp_eval = _fp(run.cfg.evaluate, run.data_fp, [t.id for t in triples])
+    fp_eval = _fp(run.cfg.evaluate, run.data_fp, [(t.id, t.subtask, [(m.role, m.content) for m in t.prompt],
+                                                   t.chosen, t.rejected) for t in triples])  # the pairs, by content
     base = eval_config(run.cfg, output=run.dir / "eval" / "base", reference_cache=reference_cache)
     run.ledger.run("evaluate/base", _fp(base, fp_eval), [Path(base.output)],
                    lambda: str(run_evaluate(base, triples=triples)))
@@ -347,7 +364,8 @@ def _train_and_evaluate(run: _Run, triples) -> None:
         tcfg, fp_train = _train_method(run, method)
         ecfg = eval_config(run.cfg, output=run.dir / "eval" / method, reference_cache=reference_cache,
                            adapter=str(Path(tcfg.output) / "adapter"))
-        run.ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train), [Path(ecfg.output)],
+        fp_adapter = content_fingerprint(ecfg.adapter)
+        run.ledger.run(f"evaluate/{method}", _fp(ecfg, fp_eval, fp_train, fp_adapter), [Path(ecfg.output)],
                        lambda c=ecfg: str(run_evaluate(c, triples=triples)))
 
 

@@ -26,10 +26,14 @@ import os
 import sys
 
 from rose_select.errors import ConfigError
-from rose_select.features.distributed import available_cores
 
 
 _CHOSEN: dict = {}
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _positive(env, name: str) -> int:

@@ -7,7 +7,8 @@ tests exercise the same loading code as real models.
 from __future__ import annotations
 
 from pathlib import Path
-from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters, save_adam_moments
+from rose_select.checkpoint import save_adam_moments, write_base_model
+from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -92,5 +93,6 @@ def write_lora_checkpoint(model: str | Path, out: str | Path, lora=None, *, seed
             p.normal_(0, 0.2)
             moments[name] = (torch.randn(p.shape) * 1e-3, torch.rand(p.shape) * 1e-5 + 1e-7)
     peft_model.save_pretrained(out)
+    write_base_model(out, str(model))
     save_adam_moments(out / "optimizer_state.safetensors", moments, step=1)
     return out

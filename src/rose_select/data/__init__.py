@@ -32,10 +32,12 @@ from rose_select.data.preferences import (
     KNOWN_SUBTASKS,
     PREFERENCE_FORMATS,
     SUBTASK_CAPS,
+    SubtaskSettings,
     load_preferences,
     load_sft_targets,
     load_test_prompts,
     shot_file_info,
+    subtask_counts,
     subtask_layout,
     subtask_sizes,
 )
@@ -44,9 +46,9 @@ from rose_select.data.validate import ValidationReport, validate_file
 
 __all__ = [
     "BUILTIN", "resolve_input",
-    "DEMO_MAX_CHARS", "DEMO_MAX_CHARS", "DEMO_PREFERENCES", "DEMO_SNAPSHOT", "DEMO_WINDOW", "DEMO_WINDOW", "KNOWN_SUBTASKS", "POOL_FORMATS", "PREFERENCE_FORMATS",
-    "SUBTASK_CAPS", "ValidationReport", "asset_path", "demo_pool", "find_heldout_file", "first_per_subtask",
+    "DEMO_MAX_CHARS", "DEMO_PREFERENCES", "DEMO_SNAPSHOT", "DEMO_WINDOW", "KNOWN_SUBTASKS", "POOL_FORMATS", "PREFERENCE_FORMATS",
+    "SUBTASK_CAPS", "SubtaskSettings", "ValidationReport", "asset_path", "demo_pool", "find_heldout_file", "first_per_subtask",
     "heldout_pairs", "with_preference", "iter_json_array", "load_pool", "load_preferences", "load_sft_targets",
     "load_test_prompts", "parse_transcript", "pool_row", "sharegpt_package_file", "shot_file_info",
-    "subtask_layout", "subtask_sizes", "validate_file", "write_pool_jsonl",
+    "subtask_counts", "subtask_layout", "subtask_sizes", "validate_file", "write_pool_jsonl",
 ]

@@ -7,8 +7,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from rose_select.data.pools import _pool_messages, load_pool
-from rose_select.data.reading import _Ids, _Log, _record_id, _Skip, iter_json_array
+from rose_select.data.pools import pool_messages, load_pool
+from rose_select.data.reading import UniqueIds, ProblemLog, record_id, SkipRecord, iter_json_array
 from rose_select.errors import DataError
 from rose_select.records import InstructionRecord
 
@@ -60,12 +60,12 @@ def _chars(record: InstructionRecord) -> int:
 
 def iter_sharegpt(path, *, max_chars: int | None = None) -> Iterator[InstructionRecord]:
     """Stream usable ShareGPT conversations (repeated ids renamed ``id#2``), optionally short ones only."""
-    log_, ids = _Log(collect=True), _Ids("rename")
+    log_, ids = ProblemLog(collect=True), UniqueIds("rename")
     for where, rec in iter_json_array(path, log_=log_):
         try:
-            messages = _pool_messages(rec, "sharegpt", where)
-            rid = ids.claim(_record_id(rec, where, f"sharegpt_{where.index}"), where)
-        except (_Skip, DataError):
+            messages = pool_messages(rec, "sharegpt", where)
+            rid = ids.claim(record_id(rec, where, f"sharegpt_{where.index}"), where)
+        except (SkipRecord, DataError):
             continue
         record = InstructionRecord(id=rid, source="sharegpt", messages=messages, raw=rec)
         if max_chars is None or _chars(record) < max_chars:

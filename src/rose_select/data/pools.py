@@ -5,20 +5,20 @@ from __future__ import annotations
 from typing import Iterable
 
 from rose_select.data.reading import (
-    _canonical_format,
-    _conversation,
-    _Ids,
-    _iter_raw,
-    _list_field,
-    _Log,
-    _optional_text,
-    _present,
-    _record_id,
-    _required_text,
-    _Skip,
-    _stem,
-    _turns,
-    _Where,
+    canonical_format,
+    as_conversation,
+    UniqueIds,
+    iter_records,
+    list_field,
+    ProblemLog,
+    optional_text,
+    first_present,
+    record_id,
+    required_text,
+    SkipRecord,
+    file_stem,
+    message_turns,
+    Where,
 )
 from rose_select.errors import DataError
 from rose_select.io import write_jsonl
@@ -36,30 +36,30 @@ _FIELD_FORMATS = {
 
 # --------------------------------------------------------------------------- instruction pools
 
-def _sniff_pool(rec: dict, where: _Where) -> str:
+def _sniff_pool(rec: dict, where: Where) -> str:
     if "messages" in rec:
         return "messages"
     if "conversations" in rec:
         return "sharegpt"
     for fmt, (prompt_keys, _, answer_keys) in _FIELD_FORMATS.items():
-        if _present(rec, prompt_keys) and _present(rec, answer_keys):
+        if first_present(rec, prompt_keys) and first_present(rec, answer_keys):
             return fmt
     raise where.error("unknown_format", f"unknown pool format; keys seen: {sorted(rec)}; expected "
                       "messages | conversations | instruction+output/response | inputs+targets | "
                       "prompt+completion | question+answer (or pass column_map)")
 
 
-def _pool_messages(rec: dict, fmt: str, where: _Where) -> list[Message]:
+def pool_messages(rec: dict, fmt: str, where: Where) -> list[Message]:
     if fmt == "messages":
-        return _conversation(_turns(_list_field(rec, "messages", where), where, "messages", "role", "content"),
+        return as_conversation(message_turns(list_field(rec, "messages", where), where, "messages", "role", "content"),
                              where=where)
     if fmt == "sharegpt":
-        turns = _turns(_list_field(rec, "conversations", where), where, "conversations", "from", "value")
-        return _conversation(turns, drop_leading_assistant=True)
+        turns = message_turns(list_field(rec, "conversations", where), where, "conversations", "from", "value")
+        return as_conversation(turns, drop_leading_assistant=True)
     prompt_keys, extra_keys, answer_keys = _FIELD_FORMATS[fmt]
-    prompt = _required_text(rec, prompt_keys, where)
-    extra = _optional_text(rec, extra_keys, where)
-    answer = _required_text(rec, answer_keys, where)
+    prompt = required_text(rec, prompt_keys, where)
+    extra = optional_text(rec, extra_keys, where)
+    answer = required_text(rec, answer_keys, where)
     return [Message("user", f"{prompt}\n\n{extra}" if extra else prompt), Message("assistant", answer)]
 
 
@@ -73,7 +73,7 @@ def _pool_source(rec: dict, fmt: str, source: str | None, stem: str) -> str:
     return "sharegpt" if fmt == "sharegpt" else stem
 
 
-def _apply_column_map(rec: dict, column_map: dict[str, str] | None, where: _Where) -> dict:
+def _apply_column_map(rec: dict, column_map: dict[str, str] | None, where: Where) -> dict:
     """Expose the user's columns under the canonical names (``{"instruction": "question"}``)."""
     if not column_map:
         return rec
@@ -86,10 +86,10 @@ def _apply_column_map(rec: dict, column_map: dict[str, str] | None, where: _Wher
     return out
 
 
-def _read_pool(path, log_: _Log, *, format="auto", source=None, column_map=None, limit=None,
+def read_pool(path, log_: ProblemLog, *, format="auto", source=None, column_map=None, limit=None,
                split="train", duplicate_ids="error") -> list[InstructionRecord]:
-    fmt, ids, records, stem = _canonical_format(format, POOL_FORMATS), _Ids(duplicate_ids), [], _stem(path)
-    for where, rec in _iter_raw(path, log_, split=split):
+    fmt, ids, records, stem = canonical_format(format, POOL_FORMATS), UniqueIds(duplicate_ids), [], file_stem(path)
+    for where, rec in iter_records(path, log_, split=split):
         if limit is not None and len(records) >= limit:
             break
         try:
@@ -97,10 +97,10 @@ def _read_pool(path, log_: _Log, *, format="auto", source=None, column_map=None,
                 raise where.error("wrong_type", f"expected a JSON object, got {type(rec).__name__}")
             mapped = _apply_column_map(rec, column_map, where)
             fmt = log_.format = fmt or _sniff_pool(mapped, where)
-            messages = _pool_messages(mapped, fmt, where)
+            messages = pool_messages(mapped, fmt, where)
             src = _pool_source(mapped, fmt, source, stem)
-            rid = ids.claim(_record_id(mapped, where, f"{src}_{where.index}"), where)
-        except _Skip as why:
+            rid = ids.claim(record_id(mapped, where, f"{src}_{where.index}"), where)
+        except SkipRecord as why:
             log_.skip(str(why), where)
             continue
         except DataError as e:
@@ -124,8 +124,8 @@ def load_pool(path, *, format: str = "auto", source: str | None = None,
     assistant turn are skipped and counted in a log warning. ``duplicate_ids="rename"`` suffixes
     repeats (``id#2``) instead of failing, for sources such as ShareGPT that repeat ids.
     """
-    log_ = _Log()
-    records = _read_pool(path, log_, format=format, source=source, column_map=column_map, limit=limit,
+    log_ = ProblemLog()
+    records = read_pool(path, log_, format=format, source=source, column_map=column_map, limit=limit,
                          split=split, duplicate_ids=duplicate_ids)
     log_.warn_skipped(path)
     if not records:

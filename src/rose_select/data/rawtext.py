@@ -15,16 +15,16 @@ from typing import Any, Iterator
 from rose_select.errors import DataError
 
 log = logging.getLogger(__name__)
-_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as read with surrogateescape
+BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as read with surrogateescape
 
 
 # --------------------------------------------------------------------------- problems
 
-class _Skip(Exception):
+class SkipRecord(Exception):
     """A record that is well-formed but unusable (e.g. no assistant turn): counted, not an error."""
 
 
-def _error(kind: str, message: str, *, path, line=None, record=None, field=None) -> DataError:
+def data_error(kind: str, message: str, *, path, line=None, record=None, field=None) -> DataError:
     err = DataError(message, path=str(path), line=line,
                     record=None if record is None else str(record), field=field)
     err.kind = kind  # problem class, for the per-kind counts of validate_file
@@ -32,7 +32,7 @@ def _error(kind: str, message: str, *, path, line=None, record=None, field=None)
 
 
 @dataclass(frozen=True)
-class _Where:
+class Where:
     """Where a record sits in its file, so every error can name it."""
 
     path: str
@@ -46,11 +46,11 @@ class _Where:
     def error(self, kind: str, message: str, field: str | None = None) -> DataError:
         if self.context:
             message = f"{message} (prompt {self.context!r})"
-        return _error(kind, message, path=self.path, line=self.line, record=self.index, field=field)
+        return data_error(kind, message, path=self.path, line=self.line, record=self.index, field=field)
 
 
 @dataclass
-class _Log:
+class ProblemLog:
     """Raise-first or collect-all sink for problems, plus what a validation report needs."""
 
     collect: bool = False
@@ -67,29 +67,29 @@ class _Log:
             raise err
         self.errors.append(err)
 
-    def skip(self, why: str, where: "_Where | None") -> None:
+    def skip(self, why: str, where: "Where | None") -> None:
         self.skipped[why] += 1
         self.skipped_at.setdefault(why, []).append(where.name() if where else "?")
 
-    def keep(self, why: str, where: "_Where") -> None:
+    def keep(self, why: str, where: "Where") -> None:
         self.kept_at.setdefault(why, []).append(where.name())
 
     def warn_skipped(self, path) -> None:
         if self.skipped:
-            detail = "; ".join(f"{n} {why} ({_names(self.skipped_at.get(why, []))})"
+            detail = "; ".join(f"{n} {why} ({some_names(self.skipped_at.get(why, []))})"
                                for why, n in sorted(self.skipped.items()))
             log.warning("%s: skipped %d record(s): %s", path, sum(self.skipped.values()), detail)
         for why, names in sorted(self.kept_at.items()):
-            log.warning("%s: %d record(s) kept, but %s: %s", path, len(names), why, _names(names))
+            log.warning("%s: %d record(s) kept, but %s: %s", path, len(names), why, some_names(names))
 
     def no_records(self, path) -> DataError:
         """The error of a file that yields no record at all (empty, blank, or everything skipped)."""
         why = "; ".join(f"{n} skipped: {why}" for why, n in sorted(self.skipped.items()))
         what = f"no usable record ({why})" if why else "no records (the file is empty or blank)"
-        return _error("empty_file", what, path=path)
+        return data_error("empty_file", what, path=path)
 
 
-def _names(names: list[str], most: int = 5) -> str:
+def some_names(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
@@ -99,30 +99,30 @@ _WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\x
               b"\xfe\xff": "UTF-16"}
 
 
-def _open_text(path: Path):
+def open_text(path: Path):
     """UTF-8 text (a byte-order mark is tolerated), gzip-compressed when the name ends in .gz.
     Bytes that are not UTF-8 are read as lone surrogates (``surrogateescape``) so that the record
-    loop can name their line (``_bad_bytes``); UTF-16/32 files are refused up front."""
+    loop can name their line (``refuse_bad_bytes``); UTF-16/32 files are refused up front."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         head = f.read(4)
     wide = next((name for bom, name in _WIDE_BOMS.items() if head.startswith(bom)), None)
     if wide or b"\x00" in head:
-        raise _error("unreadable", f"not UTF-8 text: {wide or 'UTF-16/32'} (NUL bytes or a byte-order "
+        raise data_error("unreadable", f"not UTF-8 text: {wide or 'UTF-16/32'} (NUL bytes or a byte-order "
                      f"mark {head[:2].hex(' ')}); save the file as UTF-8", path=path, line=1)
     return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
 
 
-def _bad_bytes(text: str, where: "_Where") -> None:
+def refuse_bad_bytes(text: str, where: "Where") -> None:
     """Raise if ``text`` (read with surrogateescape) holds bytes that are not UTF-8."""
-    m = _BAD_BYTE.search(text)
+    m = BAD_BYTE.search(text)
     if m:
         raise where.error("unreadable", f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x} at "
                           f"character {m.start()}; save the file as UTF-8)")
 
 
-def _first_char(path: Path) -> str:
-    with _open_text(path) as f:
+def first_char(path: Path) -> str:
+    with open_text(path) as f:
         while chunk := f.read(4096):
             if stripped := chunk.lstrip():
                 return stripped[0]
@@ -142,8 +142,8 @@ def _cut_off(err: json.JSONDecodeError, buf: str, margin: int = 0) -> bool:
     return err.msg.startswith("Invalid \\uXXXX") and err.pos + 6 > end
 
 
-def iter_json_array(path, *, chunk_size: int = 1 << 20, log_: _Log | None = None
-                    ) -> Iterator[tuple[_Where, Any]]:
+def iter_json_array(path, *, chunk_size: int = 1 << 20, log_: ProblemLog | None = None
+                    ) -> Iterator[tuple[Where, Any]]:
     """Stream the elements of a top-level JSON array without loading the file whole.
 
     Reads ``chunk_size`` characters at a time and decodes one element at a time with
@@ -152,8 +152,8 @@ def iter_json_array(path, *, chunk_size: int = 1 << 20, log_: _Log | None = None
     not read as its first line). A final element cut off by end-of-file (e.g. the ShareGPT V3
     file) is skipped with a warning; anything else malformed is a ``DataError``.
     """
-    path, log_ = Path(path), log_ or _Log()
-    with _open_text(path) as f:
+    path, log_ = Path(path), log_ or ProblemLog()
+    with open_text(path) as f:
         reader = _ArrayReader(path, f, chunk_size, log_)
         yield from reader.elements()
 
@@ -161,13 +161,13 @@ def iter_json_array(path, *, chunk_size: int = 1 << 20, log_: _Log | None = None
 class _ArrayReader:
     """The state of one streamed JSON array: buffer, position, line, record index."""
 
-    def __init__(self, path: Path, f, chunk_size: int, log_: _Log):
+    def __init__(self, path: Path, f, chunk_size: int, log_: ProblemLog):
         self.path, self.f, self.chunk_size, self.log = path, f, chunk_size, log_
         self.decoder, self.index, self.eof = json.JSONDecoder(), 0, False
         self.buf = f.read(chunk_size)
         self.pos = len(self.buf) - len(self.buf.lstrip())
         if self.buf[self.pos:self.pos + 1] != "[":
-            raise _error("wrong_type", "expected a JSON array", path=path, line=1)
+            raise data_error("wrong_type", "expected a JSON array", path=path, line=1)
         self.line, self.pos = 1 + self.buf.count("\n", 0, self.pos), self.pos + 1
 
     def _more(self) -> bool:
@@ -187,10 +187,10 @@ class _ArrayReader:
                 return self.buf[self.pos:self.pos + 1]
 
     def _fail(self, message: str) -> None:
-        self.log.report(_error("malformed_json", f"malformed JSON: {message}", path=self.path,
+        self.log.report(data_error("malformed_json", f"malformed JSON: {message}", path=self.path,
                                line=self.line, record=self.index))
 
-    def elements(self) -> Iterator[tuple[_Where, Any]]:
+    def elements(self) -> Iterator[tuple[Where, Any]]:
         after_value, after_comma = False, False
         while True:
             ch = self._next_char()
@@ -218,7 +218,7 @@ class _ArrayReader:
                 yield item
             after_value, after_comma = True, False
 
-    def _decode(self) -> tuple[_Where, Any] | None:
+    def _decode(self) -> tuple[Where, Any] | None:
         while True:
             try:
                 if self.pos == len(self.buf):
@@ -232,14 +232,14 @@ class _ArrayReader:
                 if _cut_off(e, self.buf):
                     _truncated(self.path, self.buf[self.pos:], self.index, self.line, self.log)
                     return None
-                self.log.report(_error("malformed_json", f"malformed JSON: {e.msg}", path=self.path, record=self.index,
+                self.log.report(data_error("malformed_json", f"malformed JSON: {e.msg}", path=self.path, record=self.index,
                                        line=self.line + self.buf.count("\n", self.pos, e.pos)))
                 return None  # no way to find the next element after a broken one
-        where = _Where(str(self.path), self.index, self.line)
+        where = Where(str(self.path), self.index, self.line)
         text = self.buf[self.pos:end]
         self.line += text.count("\n")
         self.log.entries, self.index, self.pos = self.index + 1, self.index + 1, end
-        _bad_bytes(text, where)
+        refuse_bad_bytes(text, where)
         return where, obj
 
     def _rest_is_blank(self) -> None:
@@ -249,7 +249,7 @@ class _ArrayReader:
             if rest.strip():
                 k = len(rest) - len(rest.lstrip())
                 self.line += rest.count("\n", 0, k)
-                self.log.report(_error("malformed_json", "text after the closing ']' of the JSON array (is this "
+                self.log.report(data_error("malformed_json", "text after the closing ']' of the JSON array (is this "
                                        "JSONL whose first line is an array?)", path=self.path, line=self.line))
                 return
             self.line += rest.count("\n")
@@ -258,10 +258,10 @@ class _ArrayReader:
                 return
 
 
-def _truncated(path: Path, rest: str, index: int, line: int, log_: _Log) -> None:
+def _truncated(path: Path, rest: str, index: int, line: int, log_: ProblemLog) -> None:
     """End of file inside the array: skip a cut-off last element with a warning, not an error."""
     if rest.strip():
-        log_.skip("truncated final record", _Where(str(path), index, line))
+        log_.skip("truncated final record", Where(str(path), index, line))
         log.warning("%s: last record (record %d, line %d) is truncated; skipped it", path, index, line)
     else:
         log.warning("%s: JSON array is not closed with ']'", path)

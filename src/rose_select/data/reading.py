@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from rose_select.data.rawtext import (  # noqa: F401  (re-exported: the loaders import them from here)
-    _BAD_BYTE,
-    _bad_bytes,
-    _error,
-    _first_char,
-    _Log,
-    _open_text,
-    _Skip,
-    _Where,
+    BAD_BYTE,
+    refuse_bad_bytes,
+    data_error,
+    first_char,
+    ProblemLog,
+    open_text,
+    SkipRecord,
+    Where,
     iter_json_array,
 )
 from rose_select.errors import DataError
@@ -37,22 +37,22 @@ _FORMAT_ALIASES = {"less": "messages", "tulu": "messages", "oasst": "messages", 
 _ROLES = {"system": "system", "user": "user", "human": "user", "prompter": "user",
           "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
           "bard": "assistant", "model": "assistant"}
-_DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: json accepts "\ud800", UTF-8 cannot hold it
 ASSISTANT_MARKER = "\n\nAssistant:"
 
 
-def _iter_jsonl(path: Path, log_: _Log) -> Iterator[tuple[_Where, Any]]:
+def _iter_jsonl(path: Path, log_: ProblemLog) -> Iterator[tuple[Where, Any]]:
     index = 0
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, text in enumerate(f, 1):
             if not text.strip():
                 continue
-            where = _Where(str(path), index, lineno)
+            where = Where(str(path), index, lineno)
             index = log_.entries = index + 1
             try:
-                _bad_bytes(text, where)
+                refuse_bad_bytes(text, where)
                 yield where, json.loads(text)
             except json.JSONDecodeError as e:
                 log_.report(where.error("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})"))
@@ -69,48 +69,48 @@ def _load_hf(spec: str, builder: str | None, split: str):
             return datasets.load_dataset(builder, data_files=spec, split=split)
         return datasets.load_dataset(spec, split=split)
     except Exception as e:  # hub/network/format errors: name the source, keep the cause
-        raise _error("unreadable", f"cannot load with datasets: {type(e).__name__}: {e}", path=spec) from e
+        raise data_error("unreadable", f"cannot load with datasets: {type(e).__name__}: {e}", path=spec) from e
 
 
-def _iter_hf(spec: str, builder: str | None, split: str, log_: _Log) -> Iterator[tuple[_Where, Any]]:
+def _iter_hf(spec: str, builder: str | None, split: str, log_: ProblemLog) -> Iterator[tuple[Where, Any]]:
     for index, row in enumerate(_load_hf(spec, builder, split)):
         log_.entries = index + 1
-        yield _Where(spec, index), row
+        yield Where(spec, index), row
 
 
-def _iter_raw(path, log_: _Log, *, split: str = "train") -> Iterator[tuple[_Where, Any]]:
+def iter_records(path, log_: ProblemLog, *, split: str = "train") -> Iterator[tuple[Where, Any]]:
     """Records of any supported file (or hub dataset name), each with where it came from."""
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    if suffix.lower() in _DATASETS_SUFFIXES:
-        _require_exists(path)
-        yield from _iter_hf(str(path), _DATASETS_SUFFIXES[suffix.lower()], split, log_)
+    if suffix.lower() in DATASETS_SUFFIXES:
+        require_exists(path)
+        yield from _iter_hf(str(path), DATASETS_SUFFIXES[suffix.lower()], split, log_)
     elif not path.exists() and not suffix:
         yield from _iter_hf(str(path), None, split, log_)  # a hub dataset name
     else:
-        _require_exists(path)
+        require_exists(path)
         try:
-            if _first_char(path) == "[":
+            if first_char(path) == "[":
                 yield from iter_json_array(path, log_=log_)
             else:
                 yield from _iter_jsonl(path, log_)
         except UnicodeDecodeError as e:
-            raise _error("unreadable", f"not UTF-8 text ({e.reason})", path=path) from None
+            raise data_error("unreadable", f"not UTF-8 text ({e.reason})", path=path) from None
 
 
-def _require_exists(path: Path) -> None:
+def require_exists(path: Path) -> None:
     if not path.is_file():
-        raise _error("missing_file", "file not found", path=path)
+        raise data_error("missing_file", "file not found", path=path)
 
 
 # --------------------------------------------------------------------------- field helpers
 
-def _present(rec: dict, keys: Sequence[str]) -> str | None:
+def first_present(rec: dict, keys: Sequence[str]) -> str | None:
     """The first of ``keys`` the record has with a non-null value (datasets fills gaps with None)."""
     return next((k for k in keys if rec.get(k) is not None), None)
 
 
-def _text(value, where: _Where, name: str, *, required: bool = True) -> str:
+def text_field(value, where: Where, name: str, *, required: bool = True) -> str:
     if value is None:
         raise where.error("missing_field", "missing field", name)
     if not isinstance(value, str):
@@ -121,26 +121,26 @@ def _text(value, where: _Where, name: str, *, required: bool = True) -> str:
     return value.strip()
 
 
-def _valid_unicode(value: str, where: _Where, name: str) -> None:
+def _valid_unicode(value: str, where: Where, name: str) -> None:
     m = _SURROGATE.search(value)
     if m:
         raise where.error("bad_text", f"a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} "
                           "(not a character; UTF-8 cannot encode it)", name)
 
 
-def _required_text(rec: dict, keys: Sequence[str], where: _Where) -> str:
-    key = _present(rec, keys)
+def required_text(rec: dict, keys: Sequence[str], where: Where) -> str:
+    key = first_present(rec, keys)
     if key is None:
         raise where.error("missing_field", f"missing field (one of {list(keys)} needed)", "|".join(keys))
-    return _text(rec[key], where, key)
+    return text_field(rec[key], where, key)
 
 
-def _optional_text(rec: dict, keys: Sequence[str], where: _Where) -> str:
-    key = _present(rec, keys)
-    return "" if key is None else _text(rec[key], where, key, required=False)
+def optional_text(rec: dict, keys: Sequence[str], where: Where) -> str:
+    key = first_present(rec, keys)
+    return "" if key is None else text_field(rec[key], where, key, required=False)
 
 
-def _list_field(rec: dict, key: str, where: _Where) -> list:
+def list_field(rec: dict, key: str, where: Where) -> list:
     if rec.get(key) is None:
         raise where.error("missing_field", "missing field", key)
     if not isinstance(rec[key], list):
@@ -148,7 +148,7 @@ def _list_field(rec: dict, key: str, where: _Where) -> list:
     return rec[key]
 
 
-def _role(value, where: _Where, name: str) -> str:
+def _role(value, where: Where, name: str) -> str:
     if value is None:
         raise where.error("missing_field", "missing role", name)
     role = _ROLES.get(str(value).lower())
@@ -157,7 +157,7 @@ def _role(value, where: _Where, name: str) -> str:
     return role
 
 
-def _turns(items: list, where: _Where, name: str, role_key: str, text_key: str) -> list[Message]:
+def message_turns(items: list, where: Where, name: str, role_key: str, text_key: str) -> list[Message]:
     """``[{role_key, text_key}, ...]`` -> messages; a null text counts as an empty turn."""
     out = []
     for i, item in enumerate(items):
@@ -173,8 +173,8 @@ def _turns(items: list, where: _Where, name: str, role_key: str, text_key: str) 
     return out
 
 
-def _conversation(messages: list[Message], *, drop_leading_assistant: bool = False,
-                  where: _Where | None = None, name: str = "messages") -> list[Message]:
+def as_conversation(messages: list[Message], *, drop_leading_assistant: bool = False,
+                  where: Where | None = None, name: str = "messages") -> list[Message]:
     """Drop empty (null or blank) turns and trailing unanswered user turns; skip a record where
     dropping an empty turn would join two turns of one role (other text than the data says), or
     with no user or no assistant turn left. An assistant turn before any user turn is an error
@@ -184,7 +184,7 @@ def _conversation(messages: list[Message], *, drop_leading_assistant: bool = Fal
         if not m.content:
             gap = gap or m.role != "system"
         elif gap and m.role == prev:
-            raise _Skip(f"empty turn between two {m.role} turns")
+            raise SkipRecord(f"empty turn between two {m.role} turns")
         else:
             prev, gap = m.role if m.role != "system" else prev, False
     msgs = [m for m in messages if m.content]
@@ -198,9 +198,9 @@ def _conversation(messages: list[Message], *, drop_leading_assistant: bool = Fal
     while msgs and msgs[-1].role != "assistant":
         msgs.pop()
     if not msgs:
-        raise _Skip("no assistant turn")
+        raise SkipRecord("no assistant turn")
     if not any(m.role == "user" for m in msgs):
-        raise _Skip("no user turn")
+        raise SkipRecord("no user turn")
     return msgs
 
 
@@ -220,14 +220,14 @@ def parse_transcript(text: str) -> list[Message]:
     return msgs
 
 
-def _prompt(text, where: _Where, name: str = "prompt") -> list[Message]:
-    msgs = parse_transcript(_text(text, where, name))
+def prompt_field(text, where: Where, name: str = "prompt") -> list[Message]:
+    msgs = parse_transcript(text_field(text, where, name))
     if not msgs or msgs[-1].role != "user":
         raise where.error("bad_prompt", "prompt must end with a user turn", name)
     return msgs
 
 
-def _record_id(rec: dict, where: _Where, default: str) -> str:
+def record_id(rec: dict, where: Where, default: str) -> str:
     value = rec.get("id")
     if value is None:
         return default
@@ -237,7 +237,7 @@ def _record_id(rec: dict, where: _Where, default: str) -> str:
     return str(value)
 
 
-def _canonical_format(fmt: str, allowed: Sequence[str]) -> str | None:
+def canonical_format(fmt: str, allowed: Sequence[str]) -> str | None:
     if fmt == "auto":
         return None
     fmt = _FORMAT_ALIASES.get(fmt, fmt)
@@ -246,7 +246,7 @@ def _canonical_format(fmt: str, allowed: Sequence[str]) -> str | None:
     return fmt
 
 
-class _Ids:
+class UniqueIds:
     """Duplicate-id detection that remembers where each id was first seen."""
 
     def __init__(self, mode: str = "error"):
@@ -254,7 +254,7 @@ class _Ids:
             raise DataError(f"duplicate_ids must be 'error' or 'rename', got {mode!r}", field="duplicate_ids")
         self.mode, self.seen = mode, {}
 
-    def claim(self, rid: str, where: _Where) -> str:
+    def claim(self, rid: str, where: Where) -> str:
         if rid in self.seen and self.mode == "rename":
             n = 2
             while f"{rid}#{n}" in self.seen:
@@ -268,7 +268,7 @@ class _Ids:
         return rid
 
 
-def _stem(path) -> str:
+def file_stem(path) -> str:
     name = Path(str(path)).name
     for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow"):
         name = name[: -len(suffix)] if name.endswith(suffix) else name

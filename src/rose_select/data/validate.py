@@ -7,16 +7,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rose_select.data.pools import _read_pool
-from rose_select.data.preferences import _read_preferences
+from rose_select.data.pools import read_pool
+from rose_select.data.preferences import read_preferences
 from rose_select.data.reading import (
-    _DATASETS_SUFFIXES,
-    _first_char,
-    _iter_raw,
-    _Log,
-    _open_text,
+    DATASETS_SUFFIXES,
+    first_char,
+    iter_records,
+    ProblemLog,
+    open_text,
 )
-from rose_select.data.rawtext import _names
+from rose_select.data.rawtext import some_names
 from rose_select.errors import DataError
 
 # --------------------------------------------------------------------------- validation
@@ -51,9 +51,9 @@ class ValidationReport:
             lines.append(f"subtasks ({len(self.subtask_counts)}): {counts}")
         if self.skipped:
             lines.append("skipped: " + ", ".join(f"{why} {n}" for why, n in sorted(self.skipped.items())))
-            lines += [f"  - {why}: {_names(at)}" for why, at in sorted(self.skipped_at.items())]
+            lines += [f"  - {why}: {some_names(at)}" for why, at in sorted(self.skipped_at.items())]
         for why, at in sorted(self.kept_at.items()):
-            lines.append(f"warning: {len(at)} record(s) kept, but {why}: {_names(at)}")
+            lines.append(f"warning: {len(at)} record(s) kept, but {why}: {some_names(at)}")
         if self.problems:
             lines.append("problems: " + ", ".join(f"{k} {v}" for k, v in sorted(self.problem_counts.items())))
             lines += [f"  - {e}" for e in self.problems[:max_problems]]
@@ -69,15 +69,15 @@ def _guess_kind(path) -> str:
     """"preference" if the file looks like preference data (ROSE object or chosen/rejected rows)."""
     path = Path(path)
     try:
-        if path.is_file() and path.suffix.lower() not in _DATASETS_SUFFIXES and _first_char(path) == "{":
-            with _open_text(path) as f:
+        if path.is_file() and path.suffix.lower() not in DATASETS_SUFFIXES and first_char(path) == "{":
+            with open_text(path) as f:
                 first = f.readline()
             try:
                 rec = json.loads(first)
             except json.JSONDecodeError:
                 return "preference"  # a multi-line object: the ROSE layout
         else:
-            rec = next(iter(_iter_raw(path, _Log(collect=True))), (None, {}))[1]
+            rec = next(iter(iter_records(path, ProblemLog(collect=True))), (None, {}))[1]
     except (DataError, UnicodeDecodeError):
         return "pool"  # the pool reader will report what is wrong with it
     return "preference" if isinstance(rec, dict) and {"chosen", "rejected"} <= set(rec) else "pool"
@@ -88,8 +88,8 @@ def validate_file(path, kind: str = "auto", **loader_kwargs) -> ValidationReport
     kind = _guess_kind(path) if kind == "auto" else kind
     if kind not in ("pool", "preference"):
         raise DataError(f"kind must be auto, pool or preference, got {kind!r}", field="kind")
-    log_ = _Log(collect=True)
-    reader = _read_pool if kind == "pool" else _read_preferences
+    log_ = ProblemLog(collect=True)
+    reader = read_pool if kind == "pool" else read_preferences
     try:
         records = reader(path, log_, **loader_kwargs)
     except DataError as e:  # the file itself (missing, not JSON at all) is the problem

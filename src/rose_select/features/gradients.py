@@ -37,12 +37,17 @@ from torch import Tensor
 
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.features.projection import project_full
-from rose_select.losses import IGNORE_INDEX, dpo_loss, packed_logprobs, sft_loss_from_packed, sum_per_row
+from rose_select.losses import (  # noqa: F401  forward_logits, response_logprobs: re-exported
+    dpo_loss,
+    forward_logits,
+    response_logprobs,
+    sequence_logprob_of,
+    sft_loss_fn,
+)
 from rose_select.modeling import lora_parameters
-from rose_select.train.hf_import import checkpoint_moments
+from rose_select.checkpoint import checkpoint_moments
 
 LossFn = Callable[[object, dict], Tensor]
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 # --------------------------------------------------------------------------- Adam preconditioning
 
@@ -135,44 +140,6 @@ def param_numels(model) -> "OrderedDict[str, int]":
     return OrderedDict((n, p.numel()) for n, p in lora_parameters(model).items())
 
 # --------------------------------------------------------------------------- the engine
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_KEYS if k in batch}
-
-
-def forward_logits(model, batch: dict) -> Tensor:
-    return model(**model_inputs(batch), use_cache=False).logits
-
-
-def response_logprobs(model, batch: dict) -> tuple[Tensor, Tensor]:
-    """Log-probabilities of the response tokens only, packed: ``(logp [n], row [n])``.
-
-    The output head and the log-softmax run only where a label is predicted: a pre-hook on the
-    model's output embeddings hands it the hidden states of those positions. Over a 50k vocabulary
-    the head and softmax are a large share of a small model's cost, and prompt positions need
-    neither. Equal to ``losses.token_logprobs`` at the response positions (tested).
-    """
-
-    labels = batch["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-
-    def select(_mod, args):
-        hidden = args[0]
-        if hidden.shape[:2] != keep.shape:
-            raise ConfigError(f"the output head received hidden states {list(hidden.shape)}; expected "
-                              f"[batch, seq, hidden] = {list(keep.shape)} + [...] (an unusual model head?)")
-        return (hidden[keep], *args[1:])
-
-    owner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    handle = owner.get_output_embeddings().register_forward_pre_hook(select)
-    try:
-        logits = model(**model_inputs(batch), use_cache=False).logits
-    finally:
-        handle.remove()
-    targets = labels[:, 1:][keep[:, :-1]]
-    return packed_logprobs(logits, targets), keep.nonzero()[:, 0]
 
 
 def _autocast(device: torch.device, dtype):
@@ -338,17 +305,6 @@ def _check_finite(out: Tensor, ids: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- losses as row functions
 
 
-def sft_loss_fn(model, batch: dict) -> Tensor:
-    """Per-row SFT loss (mean token cross-entropy over response tokens)."""
-    logp, rows = response_logprobs(model, batch)
-    return sft_loss_from_packed(logp, rows, batch["labels"].shape[0])
-
-
-def _sequence_logprob(model, batch: dict) -> Tensor:
-    logp, rows = response_logprobs(model, batch)
-    return sum_per_row(logp, rows, batch["labels"].shape[0])
-
-
 def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
     """DPO loss per triple for a batch of ``2n`` rows: rows ``[:n]`` chosen, ``[n:]`` rejected.
 
@@ -358,17 +314,17 @@ def pairwise_loss_fn(beta: float = 0.1, ref="base") -> LossFn:
 
     def fn(model, batch: dict) -> Tensor:
         n = batch["labels"].shape[0] // 2
-        pol = _sequence_logprob(model, batch)
+        pol = sequence_logprob_of(model, batch)
         if isinstance(ref, str) and ref == "self":
             ref_lp = pol.detach()
         elif isinstance(ref, str) and ref == "base":
             with torch.no_grad(), model.disable_adapter():
-                ref_lp = _sequence_logprob(model, batch)
+                ref_lp = sequence_logprob_of(model, batch)
         elif isinstance(ref, str):
             raise ConfigError(f"ref must be 'base', 'self' or a model, got {ref!r}")
         else:
             with torch.no_grad():
-                ref_lp = _sequence_logprob(ref, batch)
+                ref_lp = sequence_logprob_of(ref, batch)
         return dpo_loss(pol[:n], pol[n:], ref_lp[:n], ref_lp[n:], beta)
 
     return fn

@@ -37,14 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rose_select import data
+from rose_select import data, distributed as D
+from rose_select.checkpoint import check_base_model
 from rose_select.config import from_args, require
 from rose_select.errors import ConfigError, DataError, NonFiniteError
-from rose_select.features import distributed as D, gradients as G, sink
+from rose_select.features import gradients as G, sink
 from rose_select.features.joint import REFS, joint_features, load_reference, pair_scale
 from rose_select.features.projection import make_projector
 from rose_select.features.sink import outputs
 from rose_select.io import sha256_file, sha256_json
+from rose_select.losses import DpoSettings
 from rose_select.modeling import (
     LoraSettings,
     ModelSettings,
@@ -76,7 +78,6 @@ class FeatureSettings:
     store_dtype: str = field(default="float16", metadata={"help": "feature storage dtype: float16 | float32"})
     autocast: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA) | none | bfloat16 | float16"})
     padding_side: str = field(default="right", metadata={"help": "left | right"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (pairwise loss)"})
     ref: str = field(default="auto", metadata={"help": "pairwise reference: auto (skipped: enough for cosine scoring, rose/shapley) | base (adapters off: the true DPO scale, for influence) | self | <model path>"})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of the preconditioning"})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of the preconditioning"})
@@ -94,15 +95,17 @@ class FeatureSettings:
             (self.autocast in ("auto", "none", "bfloat16", "float16"), f"autocast must be auto|none|bfloat16|float16, got {self.autocast!r}"),
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0,
              "adam_beta1/adam_beta2 must lie in [0, 1) and adam_eps be > 0"),
-            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
         ]
         require(checks)
         getattr(super(), "__post_init__", lambda: None)()
 
 
 @dataclass
-class FeaturizeConfig(ModelSettings, FeatureSettings):
-    """One feature store: a model (+ checkpoint), a data file and a loss."""
+class FeaturizeConfig(ModelSettings, FeatureSettings, data.SubtaskSettings, DpoSettings):
+    """One feature store: a model (+ checkpoint), a data file and a loss. A preference file is
+    split into subtasks by the ``SubtaskSettings`` (``num_subtasks``/``subtasks``), the same
+    settings select reads it with; the store records the layout (the subtask of every
+    row: ``rows.json`` groups) and select refuses a store whose layout is not its own."""
 
     checkpoint: Optional[str] = field(default=None, metadata={"help": "LoRA checkpoint dir (adapter + optimizer state); none: a fresh adapter from `lora`"})
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -187,7 +190,7 @@ def _load_items(cfg: FeaturizeConfig, tokenizer):
     if cfg.data_kind == "pool":
         recs = data.load_pool(cfg.data, format=cfg.data_format, limit=cfg.limit)
         return [r.id for r in recs], None, _encode_all(recs, lambda r: [encode_record(r, tokenizer, tcfg)], cfg.data)
-    triples = data.load_preferences(cfg.data, format=cfg.data_format)
+    triples = data.load_preferences(cfg.data, format=cfg.data_format, **cfg.subtask_kwargs())
     if cfg.limit is not None:
         triples = triples[: cfg.limit]
     ids, groups = [t.id for t in triples], [t.subtask for t in triples]
@@ -286,6 +289,7 @@ def _load_lora_model(cfg: FeaturizeConfig, device):
     model = load_model(cfg.model, dtype=cfg.model_dtype, device=str(device))
     adapter_sha = None
     if cfg.checkpoint:
+        check_base_model(cfg.checkpoint, cfg.model, user="rose featurize")
         model = load_adapter(model, cfg.checkpoint, trainable=True)
         adapter_sha = _file_sha(str(Path(cfg.checkpoint) / "adapter_model.safetensors"))
     else:  # peft draws lora_A at random: seed it, or features would differ run to run

@@ -13,7 +13,7 @@ Crash safety: a store is built in a hidden sibling directory and renamed into pl
 directory with ``meta.json`` is always a complete, valid store. ``write`` flushes features before
 marking rows done, so a crash can lose work but never marks a row done without its features.
 One process writes a store: in a multi-process run, rank 0 receives every rank's rows and writes
-them (``features/distributed.py``), so no shared filesystem is needed across nodes.
+them (``distributed.py``), so no shared filesystem is needed across nodes.
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rose_select.train.checkpoints import read_warmup_checkpoints, warmup_epochs
-from rose_select.errors import ConfigError, StoreMismatchError
+from rose_select.checkpoint import check_base_model, read_warmup_checkpoints, warmup_epochs
+from rose_select.errors import ConfigError
 from rose_select.io import read_json
 from rose_select.modeling import load_adapter, load_model, load_tokenizer
 from rose_select.records import Message
 from rose_select.runtime import resolve_device
 from rose_select.select import baselines as B
+from rose_select.select.provenance import check_gradient_inputs
 from rose_select.select.scoring import (ScoreResult, checkpoint_weights, load_store_features, reduce_groups,
                                         rose_scores, score_stores, standardize_groups, validation_directions)
 from rose_select.tokenization import collate, encode_messages, encode_record
@@ -105,24 +106,36 @@ def _is_variant(cfg) -> bool:
     return cfg.method != "less" and (cfg.direction != "pairwise" or cfg.chosen_weight > 0)
 
 
+def validation_lists(cfg) -> dict[str, tuple[str, list[str]]]:
+    """The validation stores a gradient method reads: ``{role: (loss they hold, paths)}``, one
+    path per checkpoint (``provenance`` checks them; the scorers read them)."""
+    if not _is_variant(cfg):
+        return {"validation": ("sft_chosen" if cfg.method == "less" else "pairwise", cfg.val_features)}
+    ln = cfg.direction == "pairwise_ln"
+    lists = {"pairwise": ("pairwise", [] if ln else cfg.val_features),
+             "chosen": ("sft_chosen", cfg.val_chosen_features if ln or cfg.chosen_weight else []),
+             "rejected": ("sft_rejected", cfg.val_rejected_features if ln else [])}
+    return {role: lp for role, lp in lists.items() if lp[1]}
+
+
+def _checked_inputs(cfg, pool, triples) -> None:
+    """One store per checkpoint in every list, and every provenance check (``provenance.py``)."""
+    lists = validation_lists(cfg)
+    for role, (_, paths) in lists.items():
+        if len(paths) != len(cfg.pool_features):
+            raise ConfigError(f"{len(paths)} {role} validation stores for {len(cfg.pool_features)} pool stores "
+                              "(one per checkpoint)")
+    check_gradient_inputs(cfg, pool, triples, lists)
+
+
 def _variant_result(cfg, w):
     """Scores with the validation vectors of a ROSE variant (``scoring.validation_directions``)."""
 
     n = len(cfg.pool_features)
-    ln = cfg.direction == "pairwise_ln"
-    lists = {"pairwise": [] if ln else cfg.val_features,
-             "chosen": cfg.val_chosen_features if ln or cfg.chosen_weight else [],
-             "rejected": cfg.val_rejected_features if ln else []}
-    for key, paths in lists.items():
-        if paths and len(paths) != n:
-            raise ConfigError(f"{len(paths)} {key} validation stores for {n} pool stores (one per checkpoint)")
-    stores = {k: [load_store_features(p) for p in paths] if paths else None for k, paths in lists.items()}
+    lists = {role: paths for role, (_, paths) in validation_lists(cfg).items()}
+    stores = {k: [load_store_features(p) for p in lists[k]] if k in lists else None
+              for k in ("pairwise", "chosen", "rejected")}
     first = next(s[0] for s in stores.values() if s)
-    for key, ss in stores.items():
-        for st in ss or []:
-            if st.ids != first.ids or st.groups != first.groups:
-                raise StoreMismatchError(f"the {key} validation store lists other triples than the others; "
-                                         "featurize every store on the same validation file")
     vals = [validation_directions(cfg.direction, chosen_weight=cfg.chosen_weight,
                                   **{k: (ss[i].features if ss else None) for k, ss in stores.items()})
             for i in range(n)]
@@ -140,13 +153,12 @@ def _scores_gradient(cfg, pool, triples):
         _need_features(cfg)
     elif not cfg.pool_features:
         raise ConfigError(f"method {cfg.method!r} needs pool_features (feature stores)")
+    _checked_inputs(cfg, pool, triples)
     w = lr_weights(cfg, len(cfg.pool_features))
     if _is_variant(cfg):
         result, ids = _variant_result(cfg, w)
     else:
         result, ids = score_stores(cfg.pool_features, cfg.val_features, w, reduce=cfg.reduce, center=cfg.center)
-    if ids != [r.id for r in pool]:
-        raise ConfigError(f"pool store rows do not match the pool file {cfg.pool} (featurize it again)")
     per_group, scores = result.per_group, result.scores
     if cfg.standardize:
         per_group = standardize_groups(per_group)
@@ -173,6 +185,7 @@ def _require_dpo_scale(paths) -> None:
 def _scores_influence(cfg, pool, triples):
 
     _need_features(cfg)
+    _checked_inputs(cfg, pool, triples)
     _require_dpo_scale(cfg.val_features)
     w = lr_weights(cfg, len(cfg.pool_features))
     total = np.zeros(len(pool))
@@ -185,6 +198,7 @@ def _scores_influence(cfg, pool, triples):
 def _scores_shapley(cfg, pool, triples):
 
     _need_features(cfg)
+    _checked_inputs(cfg, pool, triples)
     w = lr_weights(cfg, len(cfg.pool_features))
     total = np.zeros(len(pool))
     for wi, p, v in zip(w, cfg.pool_features, cfg.val_features):
@@ -197,6 +211,7 @@ def _scores_rds(cfg, pool, triples):
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model, dtype=cfg.model_dtype, device=device), load_tokenizer(cfg.model)
     if cfg.adapter:
+        check_base_model(cfg.adapter, cfg.model, user="rose select (rds)")
         model = load_adapter(model, cfg.adapter, trainable=False)
     tcfg = cfg.tokenize
     pool_enc = [encode_record(r, tok, tcfg) for r in pool]

@@ -15,11 +15,12 @@ import numpy as np
 
 from rose_select import plots
 from rose_select.config import to_dict
-from rose_select.data import load_pool, load_preferences
+from rose_select.data import SubtaskSettings, load_pool, load_preferences
 from rose_select.errors import ConfigError, DataError, StoreMismatchError
 from rose_select.io import read_json, sha256_file, write_dir_atomically, write_json
 from rose_select.modeling import ModelSettings
 from rose_select.select.methods import METHODS, SCORERS, VARIANTS, warmup_lrs
+from rose_select.select.provenance import check_same_pool
 from rose_select.select.scoring import DIRECTIONS, ScoreResult
 from rose_select.select.topk import (
     count_for_fraction,
@@ -85,7 +86,7 @@ class SelectSettings:
 
 
 @dataclass
-class SelectConfig(ModelSettings, SelectSettings):
+class SelectConfig(ModelSettings, SelectSettings, SubtaskSettings):
     """One selection: a method, the pool, the target's validation file and (gradient methods) the
     feature stores. The model settings serve rds, which embeds texts."""
 
@@ -94,7 +95,6 @@ class SelectConfig(ModelSettings, SelectSettings):
     pool_format: str = field(default="auto", metadata={"help": "pool format (auto|messages|alpaca|sharegpt|...)"})
     pool_limit: int | None = field(default=None, metadata={"help": "use only the first N pool records"})
     validation: str = field(default="", metadata={"help": "validation preference file (the target task)"})
-    num_subtasks: int | None = field(default=None, metadata={"help": "subtask count of a contiguous preference file"})
     pool_features: list[str] = field(default_factory=list, metadata={"help": "pool feature stores, one per checkpoint"})
     val_features: list[str] = field(default_factory=list, metadata={"help": "validation feature stores, one per checkpoint (pairwise for rose, sft_chosen for less)"})
     warmup_dir: str | None = field(default=None, metadata={"help": "warm-up run dir; its checkpoints' mean learning rates give the checkpoint weights"})
@@ -129,11 +129,12 @@ class SelectConfig(ModelSettings, SelectSettings):
             raise ConfigError("balanced selection and per-source quotas cannot be combined")
 
 
-def _fingerprint(cfg: SelectConfig) -> dict:
-    """Everything the selection depends on: the settings and the inputs' contents."""
+def fingerprint(cfg: SelectConfig) -> dict:
+    """Everything the selection depends on: the settings and the inputs' contents (``config.json``;
+    ``rose run`` compares it before it skips a finished selection)."""
 
     stores = [sha256_file(Path(p) / "meta.json") if (Path(p) / "meta.json").exists() else None
-              for p in [*cfg.pool_features, *cfg.val_features]]
+              for p in [*cfg.pool_features, *cfg.val_features, *cfg.val_chosen_features, *cfg.val_rejected_features]]
     inputs = {"pool_sha256": sha256_file(cfg.pool),
               "validation_sha256": sha256_file(cfg.validation) if cfg.validation else None,
               "stores_meta_sha256": stores,
@@ -174,14 +175,14 @@ def run_select(cfg: SelectConfig) -> Path:
         raise ConfigError(f"method {cfg.method!r} needs a validation preference file (--validation)")
     if cfg.validation and not Path(cfg.validation).is_file():
         raise DataError("file not found", path=cfg.validation, field="validation")
-    fp, out = _fingerprint(cfg), Path(cfg.output)
+    fp, out = fingerprint(cfg), Path(cfg.output)
     if _existing(out, fp):
         return out
     if cfg.method == "full":
         result, idx = ScoreResult(np.zeros(len(pool))), np.arange(len(pool))
     else:
-        kw = {"num_subtasks": cfg.num_subtasks} if cfg.num_subtasks else {}
-        result = SCORERS[cfg.method](cfg, pool, load_preferences(cfg.validation, **kw))
+        triples = load_preferences(cfg.validation, **cfg.subtask_kwargs())
+        result = SCORERS[cfg.method](cfg, pool, triples)
         if cfg.balanced:
             idx = select_balanced(result.per_group, cfg.count or count_for_fraction(cfg.fraction, len(pool)))
         else:
@@ -212,6 +213,7 @@ def handle_cli(command: str, args) -> int | None:
         return None
 
     dirs = {Path(p).name if Path(p).is_dir() else p: p for p in args.compare}
+    check_same_pool(dirs)
     sels = {name: read_selection(p) for name, p in dirs.items()}
     matrix, table = overlap_table(sels)
     print(table)

@@ -3,7 +3,7 @@ run scales from a laptop CPU to several GPUs under ``torchrun`` (DDP) without a 
 
 What the Trainer is given, and why:
 
-- The loss is the featurizer's (``gradients.sft_loss_fn``): per example, the mean token
+- The loss is the featurizer's (``losses.sft_loss_fn``): per example, the mean token
   cross-entropy over response tokens; an optimizer step averages it over the examples of the
   whole effective batch (micro-batches x accumulation x processes). ``get_batch_samples`` counts
   those examples once per step (summed over processes), and ``compute_loss`` returns
@@ -15,7 +15,7 @@ What the Trainer is given, and why:
 - Randomness of an epoch: the data order comes from accelerate's seedable sampler (seed + epoch),
   and LoRA dropout from a torch seed set by ``EpochCallback`` at the start of every epoch from
   ``(seed, epoch)``. A run resumed after epoch ``e`` therefore replays epochs ``e+1..`` exactly.
-- Resume reads the project's own checkpoint (``train/checkpoints.py``: adapter + Adam moments by parameter
+- Resume reads the project's own checkpoint (``checkpoint.py``: adapter + Adam moments by parameter
   name in safetensors + ``trainer_state.json``): the Trainer loads the adapter and the state;
   ``_load_optimizer_and_scheduler`` puts the moments back and moves the schedule to the step.
   No pickled optimizer/scheduler/RNG files are written or read.
@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rose_select.errors import CheckpointError, NonFiniteError
-from rose_select.features.gradients import sft_loss_fn
+from rose_select.losses import sft_loss_fn
 from rose_select.tokenization import collate
 
 
@@ -84,7 +84,7 @@ class LoraSFTTrainer(Trainer):
     """``Trainer`` with the project's loss and resume from the project's checkpoint format.
 
     ``load_moments(ckpt_dir, model, optimizer, step)`` puts a checkpoint's Adam moments into the
-    optimizer (the checkpoint format lives in ``train/checkpoints.py``)."""
+    optimizer (the checkpoint format lives in ``checkpoint.py``)."""
 
     loss_is_scaled_for_ga = True
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from rose_select.train.checkpoints import completed_epochs, logged_steps, lr_log, read_state
+from rose_select.checkpoint import completed_epochs
 from rose_select.config import to_dict
 from rose_select.errors import StoreMismatchError
 from rose_select.io import read_json, remove_stale_temps, sha256_json, write_json
@@ -68,16 +68,3 @@ def undo_if_empty(run_dir: Path, created: bool) -> None:
     """After a failure: remove a directory this run created if it holds no result yet."""
     if created and not has_results(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def write_logs(run_dir: Path, log: list[dict], epochs: int, skipped: list[str]) -> None:
-    write_json(run_dir / "lr_log.json", lr_log([{k: s[k] for k in ("step", "epoch", "lr")} for s in log], epochs))
-    write_json(run_dir / "train_log.json", {"steps": log, "skipped_too_long": skipped})
-
-
-def logs_from_checkpoints(run_dir: Path, epochs: int) -> None:
-    """Rewrite lr_log.json and train_log.json from the checkpoints (a kill may have come between
-    a checkpoint's rename and the logs' write)."""
-    last = completed_epochs(run_dir)[-1]
-    write_logs(run_dir, logged_steps(run_dir, last), epochs,
-               read_state(run_dir / f"ckpt-{last}").get("skipped_too_long", []))

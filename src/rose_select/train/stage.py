@@ -3,7 +3,7 @@
 Both run on Hugging Face's ``Trainer`` (``engine.py``: the loss, which is exactly the one the
 featurizer differentiates, resume, seeding), in one process or data-parallel under ``torchrun``
 (``rose warmup --nproc N``). This module holds the configuration, the run directory and the
-stages; the checkpoint format is ``checkpoints.py``.
+stages; the checkpoint format is ``rose_select/checkpoint.py``.
 
 Warm-up artifacts (``run_warmup``), in the run directory:
   ``config.json``            resolved config + fingerprint (a rerun with other settings is refused)
@@ -12,7 +12,7 @@ Warm-up artifacts (``run_warmup``), in the run directory:
                              ``optimizer_state.safetensors`` (``exp_avg/<name>``,
                              ``exp_avg_sq/<name>``, metadata step/betas/eps), ``trainer_state.json``
                              (the epoch's steps with lr and loss, and their mean lr: see
-                             ``checkpoints.py``), ``hf_trainer_state.json`` (the Trainer's own state,
+                             ``checkpoint.py``), ``hf_trainer_state.json`` (the Trainer's own state,
                              what resume reads; its ``log_history`` has every step so far)
   ``lr_log.json``            per-step lr, ``epoch_mean_lr``, ``checkpoint_weights`` (derived from
                              the checkpoints, rewritten by every rerun)
@@ -37,10 +37,21 @@ from typing import Sequence
 
 import numpy as np
 
-from rose_select import data
+from rose_select import data, distributed as D
+from rose_select.checkpoint import (
+    HF_STATE,
+    STATE,
+    completed_epochs,
+    import_trainer_run,
+    load_moments_into,
+    logs_from_checkpoints,
+    save_checkpoint,
+    step_log,
+    write_base_model,
+    write_logs,
+)
 from rose_select.config import from_args, require
 from rose_select.errors import ConfigError, DataError
-from rose_select.features import distributed as D
 from rose_select.io import read_json, sha256_file, sha256_json, write_dir_atomically, write_json
 from rose_select.modeling import (
     LoraSettings,
@@ -48,20 +59,11 @@ from rose_select.modeling import (
     attach_lora,
     load_model,
     load_tokenizer,
-    save_optimizer_state,
 )
 from rose_select.records import InstructionRecord
 from rose_select.runtime import progress_disabled, resolve_device
 from rose_select.tokenization import TokenizeConfig, encode_record
 from rose_select.train import rundir
-from rose_select.train.checkpoints import (
-    HF_STATE,
-    STATE,
-    completed_epochs,
-    load_moments_into,
-    step_log,
-    write_checkpoint,
-)
 from rose_select.train.engine import (
     Collator,
     EpochCallback,
@@ -70,7 +72,6 @@ from rose_select.train.engine import (
     ProgressBar,
     quiet_callbacks,
 )
-from rose_select.train.hf_import import import_trainer_run
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -204,24 +205,6 @@ def _encode_all(records: Sequence[InstructionRecord], tokenizer, cfg: TrainConfi
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(ckpt_dir: Path, model, optimizer, state, *, extra: dict | None = None) -> None:
-    """``ckpt-<epoch>/`` of the epoch a Trainer ``state`` just finished: adapter, Adam moments by
-    name, the epoch's steps (``trainer_state.json``) and the Trainer's own state, renamed whole."""
-
-    per_epoch = max(1, state.max_steps // max(1, int(state.num_train_epochs)))
-    epoch, steps = state.global_step // per_epoch, step_log(state)
-
-    def fill(tmp: Path):
-        model.save_pretrained(str(tmp))
-        save_optimizer_state(tmp / "optimizer_state.safetensors", model, optimizer, step=state.global_step)
-        state.save_to_json(str(tmp / HF_STATE))
-
-    mine = [s for s in steps if s["epoch"] == epoch]
-    write_checkpoint(ckpt_dir, fill, epoch=epoch, step=state.global_step, steps=mine,
-                     steps_per_epoch=per_epoch, total_steps=state.max_steps,
-                     epoch_mean_loss=float(np.mean([s["loss"] for s in mine])) if mine else 0.0, **(extra or {}))
-
-
 def _resume_view(ckpt: Path, tmp: Path) -> Path:
     """A directory to hand the Trainer as ``resume_from_checkpoint``: links to the checkpoint's
     files, with the Trainer's state under the name the Trainer reads (``trainer_state.json``
@@ -275,9 +258,9 @@ def _fit(cfg: TrainConfig, args, records: Sequence[InstructionRecord], run_dir: 
     model = attach_lora(model, cfg.lora)
 
     def save(epoch: int, model, optimizer, state):
-        save_checkpoint(run_dir / f"ckpt-{epoch}", model, optimizer, state,
+        save_checkpoint(run_dir / f"ckpt-{epoch}", model, optimizer, state, base_model=cfg.model,
                         extra={"skipped_too_long": skipped, "n_examples": len(encoded)})
-        rundir.logs_from_checkpoints(run_dir, cfg.epochs)
+        logs_from_checkpoints(run_dir, cfg.epochs)
 
     trainer = LoraSFTTrainer(model=model, args=args, train_dataset=Examples(encoded),
                              data_collator=Collator(tokenizer.pad_token_id), example_ids=ids,
@@ -337,7 +320,7 @@ def run_warmup(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = N
     if completed_epochs(run_dir)[-1:] != [cfg.epochs]:
         _fit_or_undo(cfg, args, chosen, run_dir, created, checkpoints=True)
     if args.process_index == 0:  # also repairs logs of a run killed right after a checkpoint
-        rundir.logs_from_checkpoints(run_dir, cfg.epochs)
+        logs_from_checkpoints(run_dir, cfg.epochs)
     return run_dir
 
 
@@ -356,13 +339,14 @@ def run_train(cfg: TrainConfig, records: Sequence[InstructionRecord] | None = No
 
         def fill(tmp: Path):  # the log travels inside the adapter directory: no kill separates them
             trainer.model.save_pretrained(str(tmp))
+            write_base_model(tmp, cfg.model)
             write_json(tmp / "train_log.json", {"steps": step_log(trainer.state), "skipped_too_long": skipped})
 
         if args.process_index == 0:
             write_dir_atomically(adapter, fill)
     if args.process_index == 0 and (adapter / "train_log.json").exists():
         log = read_json(adapter / "train_log.json")
-        rundir.write_logs(run_dir, log["steps"], cfg.epochs, log["skipped_too_long"])
+        write_logs(run_dir, log["steps"], cfg.epochs, log["skipped_too_long"])
     return run_dir
 
 # ---------------------------------------------------------------------------- CLI hooks

@@ -1,5 +1,5 @@
-"""Several featurization processes: the torchrun environment, the process group, and the three
-collectives the featurizer needs.
+"""Several processes (featurize, warm-up, training): the torchrun environment, the process group,
+the three collectives the featurizer needs, and the ``--nproc`` launcher.
 
 Launched by ``torchrun`` (or ``rose featurize --nproc N``, which starts torchrun itself), each
 process reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. Only rank 0 touches the feature store;
@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from rose_select.config import save_yaml
 from rose_select.errors import ConfigError, PeerError
+from rose_select.runtime import available_cores
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,6 @@ def broadcast_mask(d: Dist, mask) -> "object":
     return t.cpu().numpy()
 
 # --------------------------------------------------------------------------- launching
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def threads_per_process(nproc: int, cores: int | None = None) -> int:
