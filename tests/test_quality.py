@@ -12,6 +12,7 @@ import pytest
 from rose_select.errors import ConfigError
 from rose_select.experiments import DEFAULT_TARGETS
 from rose_select.stats import fmt_interval
+from rose_select.quality_length import length_figures
 from rose_select.quality import (
     PlantedRow,
     auc,
@@ -192,15 +193,22 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
             "featurize": {"projection": "sjlt", "dim": 32, "batch_size": 8}, "select": {"fraction": 0.1}}
     cfg = tmp_path / "q.yaml"
     base["train"] = {"epochs": 1, "lr": 1e-3, "batch_size": 4, "grad_accum": 1}
+    tests = tmp_path / "test_prompts"  # golden answers: two subtasks of the SE set, three prompts each
+    tests.mkdir()
+    for sub in ("apple", "gaming"):
+        (tests / f"se_{sub}.json").write_text(json.dumps(
+            [{"prompt": f"\n\nHuman: {sub} question {i}?\n\nAssistant:", "golden_answer": f"answer {i} " * (i + 1)}
+             for i in range(3)]))
     cfg.write_text(yaml.safe_dump({"base": base, "output_dir": str(tmp_path / "exp"),
-                                   "targets": DEFAULT_TARGETS[:2], "downstream_methods": ["rose_plus", "length"]}))
+                                   "targets": DEFAULT_TARGETS[:2], "downstream_methods": ["rose_plus", "length", "less"],
+                                   "downstream_test_prompts": {"se": str(tests)}, "downstream_test_per_subtask": 2}))
     assert main(["experiment", "quality", "--config", str(cfg), "--quick", "true", "--seeds", "2"]) == 0
     out = tmp_path / "exp" / "quality"
     res = json.loads((out / "results.json").read_text())
     assert (out / "table.md").exists() and (out / "quality_paired_accuracy.png").exists()
     methods = {r["method"] for r in res["rows"]}
     assert {"rose", "rose+std", "rose+balanced", "rose_plus", "less", "random", "bm25", "rds", "dsir",
-            "influence", "shapley", "length"} <= methods
+            "influence", "shapley", "length", "rose_plus-len1", "rose-len1"} <= methods
     for seed in (0, 1):
         sdir = out / f"seed-{seed}"
         truth = [PlantedRow(**r) for r in json.loads((sdir / "truth.json").read_text())]
@@ -209,13 +217,15 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
             sel_dir = sdir / row["target"] / "select" / row["method"]
             scores = np.load(sel_dir / "scores.npy")
             sel = [ids.index(json.loads(line)["id"]) for line in open(sel_dir / "selected.jsonl")]
-            again = selection_metrics(scores, sel, truth, row["target"])
+            again = {**selection_metrics(scores, sel, truth, row["domain"]), **length_figures(scores, truth, row["domain"])}
             assert _same({k: row[k] for k in again}, again)
         for row in (r for r in res["rows"] if r["seed"] == seed and r["method"] == "length"):
             lengths = length_scores(truth)
-            expect = selection_metrics(lengths * 2 + 7, select_top(lengths * 2 + 7, count=row["k"]), truth,
-                                       row["target"])
-            assert _same({k: row[k] for k in expect}, expect)
+            expect = {**selection_metrics(lengths * 2 + 7, select_top(lengths * 2 + 7, count=row["k"]), truth,
+                                          row["domain"]), **length_figures(lengths * 2 + 7, truth, row["domain"])}
+            assert _same({k: row[k] for k in expect}, expect) and row["length_balanced"] == 0.5
+    _check_length_report(res, out)
+    _check_length_removed(out / "seed-0")
     agg = {(a["target"], a["method"]): a for a in res["aggregate"]}
     a = agg[("shp_5_shot", "rose")]
     pair_rows = [r for r in res["rows"] if r["target"] == "shp_5_shot" and r["method"] == "rose"]
@@ -226,7 +236,47 @@ def test_quick_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
     stamps = sorted(out.glob("seed-*/*/downstream/*/*/done.json"))
     before = [p.stat().st_mtime_ns for p in stamps]
     assert main(["experiment", "quality", "--config", str(cfg), "--quick", "true", "--seeds", "2"]) == 0
-    assert [p.stat().st_mtime_ns for p in stamps] == before and len(stamps) == 2 * 2 * 2 * 2
+    assert [p.stat().st_mtime_ns for p in stamps] == before and len(stamps) == 2 * 2 * 3 * 2
+
+
+def _check_length_removed(sdir) -> None:
+    """With no direction removed, the length-removed scorer is its method (the saved scores), and
+    the saved length-removed rows are the scorer's with one direction."""
+    from rose_select.quality_geometry import length_removed_scores
+    from rose_select.select.scoring import load_store_features
+
+    truth = [PlantedRow(**r) for r in json.loads((sdir / "truth.json").read_text())]
+    run, feats = sdir / "se_2_shot", lambda p: load_store_features(p).features
+    ckpts = sorted(p.name for p in (sdir / "features").iterdir())
+    val = {"pairwise": [feats(run / "features" / c / "val_pairwise") for c in ckpts],
+           "chosen": [feats(run / "features" / c / "val_sft") for c in ckpts],
+           "groups": load_store_features(run / "features" / ckpts[0] / "val_pairwise").groups}
+    pool = [feats(sdir / "features" / c / "pool") for c in ckpts]
+    for method in ("rose_plus", "rose"):
+        summary = json.loads((run / "select" / method / "summary.json").read_text())
+        saved = np.load(run / "select" / method / "scores.npy")
+        got = length_removed_scores(pool, val, summary, length_scores(truth), 0)
+        assert np.allclose(got, saved, rtol=1e-4, atol=1e-5)
+        one = np.load(run / "select" / f"{method}-len1" / "scores.npy")
+        assert np.array_equal(one, length_removed_scores(pool, val, summary, length_scores(truth), 1))
+
+
+def _check_length_report(res: dict, out) -> None:
+    """The pooled length report is the two seeds' saved scores and truths, recomputed here."""
+    from rose_select.quality_length import collect_items, load_scores, target_report
+
+    per_seed = []
+    for seed in (0, 1):
+        truth = [PlantedRow(**r) for r in json.loads((out / f"seed-{seed}" / "truth.json").read_text())]
+        per_seed.append((truth, {**load_scores(out / f"seed-{seed}", "se_2_shot", ["rose_plus", "less"]),
+                                 "length": 3 * length_scores(truth) + 1}))
+    again = target_report(collect_items(per_seed, "se"), references=("less", "length"))
+    report = res["length"]["se_2_shot"]
+    for m in again["methods"]:
+        assert _same(m, next(x for x in report["methods"] if x["method"] == m["method"]))
+    for p in again["paired"]:
+        assert _same(p, next(x for x in report["paired"] if (x["method"], x["vs"]) == (p["method"], p["vs"])))
+    assert next(m for m in report["methods"] if m["method"] == "length")["length_balanced"]["mean"] == 0.5
 
 
 def _check_downstream(res: dict, out) -> None:
@@ -238,7 +288,7 @@ def _check_downstream(res: dict, out) -> None:
 
     rows = res["downstream_rows"]
     assert {(r["seed"], r["target"], r["method"]) for r in rows} == {
-        (s, t, m) for s in (0, 1) for t in ("shp_5_shot", "se_2_shot") for m in ("rose_plus", "length")}
+        (s, t, m) for s in (0, 1) for t in ("shp_5_shot", "se_2_shot") for m in ("rose_plus", "length", "less")}
     for target in DEFAULT_TARGETS[:2]:
         larger = load_preferences(str(find_heldout_file(resolve_input(target))))
         name = "shp_5_shot" if "shp" in target else "se_2_shot"
@@ -247,7 +297,7 @@ def _check_downstream(res: dict, out) -> None:
             truth = json.loads((sdir / "truth.json").read_text())
             pool = [json.loads(line) for line in open(sdir / "pool.jsonl")]
             planted = {tuple((m["role"], m["content"]) for m in rec["messages"][:-1])
-                       for rec, t in zip(pool, truth) if t["domain"] == name}
+                       for rec, t in zip(pool, truth) if t["domain"] == name.split("_")[0]}
             assert planted
             seen = []
             for method in ("rose_plus", "length"):
@@ -255,6 +305,11 @@ def _check_downstream(res: dict, out) -> None:
                 metrics = json.loads((edir / "metrics.json").read_text())["overall"]
                 row = next(r for r in rows if (r["seed"], r["target"], r["method"]) == (seed, name, method))
                 assert row["accuracy"] == metrics["rewards/accuracies"] and row["n_pairs"] == metrics["n"]
+                items = np.load(edir / "items.npz")
+                assert items["pair_right"].mean() == pytest.approx(row["accuracy"])
+                if name == "se_2_shot":  # 2 golden prompts of each of its 2 test subtasks
+                    assert len(items["golden_logp_per_token"]) == 4 and row["n_golden"] == 4
+                    assert items["golden_logp_per_token"].mean() == pytest.approx(row["golden"])
                 seen.append(metrics["n"])
             n_subtasks = len({t.subtask for t in larger})
             assert seen[0] == seen[1] and 0 < seen[0] <= 2 * n_subtasks
@@ -275,6 +330,13 @@ def _check_downstream(res: dict, out) -> None:
     cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
     rose_plus = dict(zip(cells(glance[0]), cells(next(x for x in glance if x.startswith("| rose_plus |")))))
     assert rose_plus["se_2_shot: trained model's accuracy"] == fmt_interval(agg[("se_2_shot", "rose_plus")]["accuracy"], 3)
+    # paired downstream differences: the per-pair files of both models, seed after seed
+    right = {m: np.concatenate([np.load(out / f"seed-{s}" / "se_2_shot" / "downstream" / m / "eval" / "items.npz")
+                                ["pair_right"] for s in (0, 1)]) for m in ("rose_plus", "less")}
+    vs = agg[("se_2_shot", "rose_plus")]["vs"]["less"]
+    assert vs["pairs"]["mean"] == pytest.approx((right["rose_plus"] - right["less"]).mean())
+    assert vs["better"] == int((right["rose_plus"] > right["less"]).sum()) and vs["golden"] is not None
+    assert agg[("shp_5_shot", "rose_plus")]["vs"]["less"]["golden"] is None  # no SHP test prompts given
 
 
 def test_selection_summary_has_the_length_diagnostic(tmp_path):
@@ -305,3 +367,28 @@ def test_stores_each_method_needs():
         SelectConfig(method="less", chosen_weight=1.0)
     with pytest.raises(ConfigError, match="balanced: not options of method .bm25."):
         SelectConfig(method="bm25", balanced=True)
+
+
+def test_gpu_scale_script_dry_run_starts_and_resumes(tmp_path):
+    """``bench/quality_gpu.sh --dry-run``: the GPU config with a tiny model's scale, end to end
+    (every target, a length-removed row trained downstream); the same call again reuses every
+    training and evaluation."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    run = lambda: subprocess.run(["bash", str(root / "bench" / "quality_gpu.sh"), "--dry-run"], capture_output=True,
+                                 text=True, env=env, timeout=1200)
+    done = run()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = tmp_path / "quality_gpu_dry_run" / "quality"
+    res = json.loads((out / "results.json").read_text())
+    assert {r["target"] for r in res["rows"]} == {"shp_5_shot", "se_2_shot", "hh_1_shot", "hh_5_shot"}
+    assert {"rose_plus-len1", "length"} <= {r["method"] for r in res["downstream_rows"]}
+    assert res["config"]["base"]["lora"]["r"] == 2 and res["config"]["generic_records"] == 20000  # --quick: 30 drawn
+    stamps = sorted(out.glob("seed-0/*/downstream/*/*/done.json"))
+    before = [p.stat().st_mtime_ns for p in stamps]
+    assert run().returncode == 0 and [p.stat().st_mtime_ns for p in stamps] == before and stamps

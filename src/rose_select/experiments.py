@@ -82,6 +82,8 @@ class ExperimentConfig:
     plant_per_subtask: dict = field(default_factory=lambda: {"shp": 3, "se": 5, "hh": 10}, metadata={"help": "quality: planted prompts per subtask, by set name (YAML)"})
     downstream_methods: list[str] = field(default_factory=list, metadata={"help": "quality: rows of the benchmark (e.g. rose, rose_plus+balanced, random, length) to fine-tune on and evaluate on held-out pairs (default: none, selection only)"})
     downstream_pairs_per_subtask: dict = field(default_factory=dict, metadata={"help": "quality: evaluation pairs per subtask, by set name (YAML; absent: every pair left; 0: no downstream for that set)"})
+    downstream_test_prompts: dict = field(default_factory=dict, metadata={"help": "quality: test prompts with golden answers, by set name (YAML; a dir of <set>_<subtask>.json): the trained models' golden-answer log-likelihood"})
+    downstream_test_per_subtask: int | None = field(default=15, metadata={"help": "quality: golden-answer prompts per subtask (the first in file order; None: all)"})
 
     def __post_init__(self):
 

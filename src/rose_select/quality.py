@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -35,7 +36,6 @@ from rose_select.data import (
     heldout_pairs,
     load_pool,
     load_preferences,
-    shot_file_info,
     with_preference,
     write_pool_jsonl,
 )
@@ -58,12 +58,17 @@ from rose_select.quality_downstream import (
     downstream_markdown,
     downstream_plot,
     downstream_rows,
+    paired_downstream,
+    set_name,
 )
-from rose_select.quality_geometry import checkpoint_geometry, geometry_markdown
+from rose_select.quality_geometry import LENGTH_REMOVED, checkpoint_geometry, geometry_markdown, length_removed_scores
+from rose_select.quality_length import collect_items, length_figures, length_markdown, load_scores, target_report
+from rose_select.quality_tables import glance_table, markdown_table
 from rose_select.records import InstructionRecord, Message, PreferenceTriple
 from rose_select.select.stage import VARIANTS, run_select
-from rose_select.select.topk import read_selection, select_top
-from rose_select.stats import fmt_interval, mean_interval, wilson_interval
+from rose_select.select.scoring import load_store_features
+from rose_select.select.topk import read_selection, select_top, write_selection
+from rose_select.stats import mean_interval, wilson_interval
 from rose_select.train.stage import run_warmup
 
 GENERIC = "generic"
@@ -195,12 +200,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 QUICK = {"generic_records": 30, "plant": 1}
 
 
-def set_name(target: str) -> str:
-    """The set a target file belongs to (``shp`` of ``shp_5_shot_preference.json``)."""
-    info = shot_file_info(target)
-    return info[0] if info else target_name(target)
-
-
 def planted_counts(cfg) -> dict[str, int]:
     """Planted prompts per subtask for each target (``--quick``: one)."""
     if cfg.quick:
@@ -208,33 +207,85 @@ def planted_counts(cfg) -> dict[str, int]:
     return {t: int(cfg.plant_per_subtask.get(set_name(t), 3)) for t in cfg.targets}
 
 
+def target_sets(cfg) -> dict[str, list[tuple[str, str]]]:
+    """Targets grouped by set name (``hh`` for both ``hh_1_shot`` and ``hh_5_shot``), in order of
+    first appearance: each entry ``(target file, held-out file)`` (default: the largest-shot sibling)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for target, held in zip(cfg.targets, cfg.heldouts or [None] * len(cfg.targets)):
+        path = resolve_input(target)
+        source = resolve_input(held) if held else str(find_heldout_file(path))
+        groups.setdefault(set_name(target), []).append((path, source))
+    return groups
+
+
 def build_pool(cfg, seed: int, out_dir):
     """Write ``pool.jsonl`` and ``truth.json`` of one seed (skipped when both exist); returns
-    (pool path, ground truth). Planted prompts: each target's held-out file minus its prompts,
-    and minus pairs whose two answers are the same."""
-    import json
+    (pool path, ground truth). Planted prompts, once per set (domain = set name, shared by every
+    target of the set, e.g. HH at 1 and 5 shots): the set's held-out file minus the validation
+    prompts of every target of the set, and minus pairs whose two answers are the same."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
     pool_file, truth_file = out_dir / "pool.jsonl", out_dir / "truth.json"
     if pool_file.exists() and truth_file.exists():
-        return pool_file, [PlantedRow(**r) for r in json.loads(truth_file.read_text())]
+        return pool_file, read_truth(out_dir)
     rng = np.random.default_rng(seed)
     generic = load_pool(resolve_input(cfg.base.pool), format=cfg.base.pool_format, limit=cfg.base.pool_limit)
     n_generic = QUICK["generic_records"] if cfg.quick else cfg.generic_records
     generic = [generic[i] for i in sorted(rng.choice(len(generic), min(n_generic, len(generic)), replace=False))]
-    heldouts = cfg.heldouts or [None] * len(cfg.targets)
     counts = planted_counts(cfg)
     planted = {}
-    for target, held in zip(cfg.targets, heldouts):
-        path = resolve_input(target)
-        source = resolve_input(held) if held else str(find_heldout_file(path))
-        pairs = with_preference(heldout_pairs(load_preferences(source), load_preferences(path)))
-        planted[target_name(target)] = take_per_subtask(pairs, counts[target], rng)
+    for domain, members in target_sets(cfg).items():
+        validation = [t for path, _ in members for t in load_preferences(path)]
+        pairs = with_preference(heldout_pairs(load_preferences(members[0][1]), validation))
+        planted[domain] = take_per_subtask(pairs, counts[next(t for t in cfg.targets if set_name(t) == domain)], rng)
     records, truth = plant_pool(generic, planted, seed)
     write_pool_jsonl(records, pool_file)
     write_json(truth_file, [r.__dict__ for r in truth])
     return pool_file, truth
+
+
+def read_truth(seed_dir) -> list[PlantedRow]:
+    """The ground truth a seed's ``build_pool`` wrote."""
+    import json
+    from pathlib import Path
+
+    return [PlantedRow(**r) for r in json.loads((Path(seed_dir) / "truth.json").read_text())]
+
+
+def _per_seed(cfg, out, targets: list[str], labels: list[str]) -> list[tuple]:
+    """(truth, {label: scores}) of every seed; with several ``targets`` labels become
+    ``label@target`` (they must share the planted set)."""
+    per_seed = []
+    for seed in range(cfg.seeds):
+        seed_dir = out / f"seed-{seed}"
+        truth = read_truth(seed_dir)
+        scores = {}
+        for target in targets:
+            tag = f"@{target_name(target)}" if len(targets) > 1 else ""
+            scores.update({k + tag: v for k, v in load_scores(seed_dir, target_name(target), labels).items()})
+        per_seed.append((truth, {**scores, LENGTH_RULE: length_scores(truth)}))
+    return per_seed
+
+
+def length_reports(cfg, out) -> dict[str, dict]:
+    """Per target: ``quality_length.target_report`` over every seed, recomputed from each method's
+    saved ``scores.npy`` and the ground truth (the length rule from the truth's lengths); and per
+    set with several targets (HH at 1 and 5 shots), ``"<set>: shots"``: each method at every
+    later target against the first, on the same planted pairs."""
+    labels = benchmark_labels(cfg.method_list())
+    reports = {}
+    for target in cfg.targets:
+        reports[target_name(target)] = target_report(collect_items(_per_seed(cfg, out, [target], labels), set_name(target)),
+                                                     extra_pairs=[(label, m) for label, (m, _) in LENGTH_REMOVED.items()])
+    for domain, members in target_sets(cfg).items():
+        targets = [t for t in cfg.targets if set_name(t) == domain]
+        if len(targets) > 1:
+            first, later = target_name(targets[0]), [target_name(t) for t in targets[1:]]
+            pairs = [(f"{m}@{t}", f"{m}@{first}") for t in later for m in labels]
+            reports[f"{domain}: shots"] = target_report(collect_items(_per_seed(cfg, out, targets, labels), domain),
+                                                        references=(), extra_pairs=pairs)
+    return reports
 
 
 def _selected_indices(sel_dir, ids: list[str]) -> np.ndarray:
@@ -258,6 +309,46 @@ def method_rows(methods: Sequence[str]) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def _row(seed: int, target: str, label: str, scores: np.ndarray, sel, truth) -> dict:
+    """One method's figures on one seed and target."""
+    domain = set_name(target)
+    return {"seed": seed, "target": target_name(target), "domain": domain, "method": label,
+            **selection_metrics(scores, sel, truth, domain), **length_figures(scores, truth, domain),
+            "length_spearman": spearman(scores, length_scores(truth))}
+
+
+def benchmark_labels(methods: Sequence[str]) -> list[str]:
+    """Every selection row of the benchmark: ``method_rows`` and the length-removed rows of the
+    methods present (the length rule aside)."""
+    return [label for label, _, _ in method_rows(methods)] + [
+        label for label, (m, _) in LENGTH_REMOVED.items() if m in methods]
+
+
+def length_removed_selection(run, seed_dir, ckpts, method: str, label: str, n_dirs: int, pool, truth,
+                             k: int) -> np.ndarray:
+    """``method``'s scores with ``n_dirs`` length directions of the pool features removed
+    (``quality_geometry.length_removed_scores``; stored features only), written as the selection
+    ``select/<label>`` of its top ``k`` (once); returns the scores."""
+    import json
+
+    out = run / "select" / label
+    if (out / "selected.jsonl").exists():
+        return np.load(out / "scores.npy", allow_pickle=False)
+    summary = json.loads((run / "select" / method / "summary.json").read_text())
+    feats = lambda p: load_store_features(p).features
+    val = {"pairwise": [feats(run / "features" / c.name / "val_pairwise") for c in ckpts],
+           "groups": load_store_features(run / "features" / ckpts[0].name / "val_pairwise").groups}
+    if summary["chosen_weight"]:
+        val["chosen"] = [feats(run / "features" / c.name / "val_sft") for c in ckpts]
+    scores = length_removed_scores([feats(seed_dir / "features" / c.name / "pool") for c in ckpts], val, summary,
+                                   length_scores(truth), n_dirs)
+    records = load_pool(str(pool), format="messages")
+    with warnings.catch_warnings():  # a length warning here is a finding, reported in the tables
+        warnings.simplefilter("ignore", RuntimeWarning)
+        write_selection(out, records, scores, select_top(scores, count=k), method=label, echo=False)
+    return scores
+
+
 def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict, list[dict]]:
     """One seed: planted pool, warm-up, features, every method's selection and its figures; per
     target the ``direction_geometry`` of the last checkpoint (None without the stores); and the
@@ -278,7 +369,7 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict, list[dict]]:
     ids = [r.id for r in truth]
     rows, geometry = [], {}
     for target in cfg.targets:
-        name, validation = target_name(target), resolve_input(target)
+        name, domain, validation = target_name(target), set_name(target), resolve_input(target)
         run = out_dir / name
         for _, fcfg in featurize_jobs(base, run, out_dir, str(pool), validation, ckpts):
             run_featurize(fcfg)
@@ -288,16 +379,15 @@ def seed_rows(cfg, out_dir, seed: int) -> tuple[list[dict], dict, list[dict]]:
             run_once(scfg.output, lambda c=scfg: run_select(c), {"config": to_dict(scfg)})
             scores = np.load(Path(scfg.output) / "scores.npy", allow_pickle=False)
             sel = _selected_indices(scfg.output, ids)
-            rows.append({"seed": seed, "target": name, "method": label,
-                         **selection_metrics(scores, sel, truth, name),
-                         "length_spearman": spearman(scores, length_scores(truth))})
-        geometry[name] = checkpoint_geometry(out_dir, run, ckpts[-1].name, truth, name)
+            rows.append(_row(seed, target, label, scores, sel, truth))
+        geometry[name] = checkpoint_geometry(out_dir, run, ckpts[-1].name, truth, domain)
         k = len(sel)
+        for label, (method, n_dirs) in LENGTH_REMOVED.items():
+            if method in methods:
+                scores = length_removed_selection(run, out_dir, ckpts, method, label, n_dirs, pool, truth, k)
+                rows.append(_row(seed, target, label, scores, _selected_indices(run / "select" / label, ids), truth))
         lengths = length_scores(truth)
-
-        rows.append({"seed": seed, "target": name, "method": LENGTH_RULE,
-                     **selection_metrics(lengths, select_top(lengths, count=k), truth, name),
-                     "length_spearman": 1.0})
+        rows.append(_row(seed, target, LENGTH_RULE, lengths, select_top(lengths, count=k), truth))
     ks = {r["target"]: r["k"] for r in rows}
     t0 = time.perf_counter()
     downstream = downstream_rows(cfg, base, out_dir, seed, pool, truth, ks) if cfg.downstream_methods else []
@@ -328,43 +418,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown_table(agg: list[dict]) -> str:
-    """One row per target and method: the benchmark's figures (mean [95% interval] over seeds)."""
-    head = ("| target | method | domain precision@k (base rate) | precision / base | preferred share of "
-            "selected target rows | pairs ranked right [95% CI] | AUC target vs rest | Spearman(score, length) |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for a in agg:
-        p = a["pairs"]
-        lines.append(f"| {a['target']} | {a['method']} | {fmt_interval(a['domain_precision'])} ({a['base_rate']:.2f}) | "
-                     f"{fmt_interval(a['precision_over_base'], 1)} | {fmt_interval(a['preferred_share'])} | "
-                     f"{p['accuracy']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}] (n={p['n']}) | "
-                     f"{fmt_interval(a['auc'])} | {fmt_interval(a['length_spearman'])} |")
-    return "\n".join(lines)
-
-
-def glance_table(agg: list[dict], downstream: list[dict] | None = None) -> str:
-    """One row per method, per target: precision / base rate and pairs ranked right (mean over
-    seeds), and with ``downstream`` the trained model's held-out accuracy."""
-    targets = list(dict.fromkeys(a["target"] for a in agg))
-    trained = {(d["target"], d["method"]): d for d in downstream or []}
-    cols = [f"{t}: {c}" for t in targets for c in ("precision / base", "pairs right")
-            + (("trained model's accuracy",) if any(k[0] == t for k in trained) else ())]
-    rows = {}
-    for a in agg:
-        cells = rows.setdefault(a["method"], {})
-        cells[f"{a['target']}: precision / base"] = fmt_interval(a["precision_over_base"], 1)
-        cells[f"{a['target']}: pairs right"] = f"{a['pairs']['accuracy']:.2f}"
-        if (a["target"], a["method"]) in trained:
-            cells[f"{a['target']}: trained model's accuracy"] = fmt_interval(trained[(a["target"], a["method"])]["accuracy"], 3)
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    lines += [f"| {m} | " + " | ".join(c.get(k, "") for k in cols) + " |" for m, c in rows.items()]
-    return "\n".join(lines)
-
-
 def quality(cfg, out) -> dict:
     """``rose experiment quality``: the planted-pool benchmark for every method and target."""
 
-    known = [label for label, _, _ in method_rows(cfg.method_list())] + [LENGTH_RULE]
+    known = benchmark_labels(cfg.method_list()) + [LENGTH_RULE]
     unknown = [m for m in cfg.downstream_methods if m not in known]
     if unknown:
         raise ConfigError(f"downstream_methods: {unknown} are not rows of this benchmark; known: {known}")
@@ -375,6 +432,7 @@ def quality(cfg, out) -> dict:
         downstream += seed_downstream
     seconds = {seed: g.pop("_seconds") for seed, g in geometry.items()}
     agg = aggregate(rows)
+    length = length_reports(cfg, out)
     targets = list(dict.fromkeys(a["target"] for a in agg))
     for key, title in (("precision_over_base", "domain precision@k / base rate"),
                        ("paired_accuracy", "pairs ranked right (preferred above dispreferred)")):
@@ -387,11 +445,16 @@ def quality(cfg, out) -> dict:
           + geometry_markdown(geometry))
     md += "\n\nWall time per seed (s; work finished by an earlier invocation is reused): " + "; ".join(
         f"seed {s}: selection {t['selection']}, downstream {t['downstream']}" for s, t in seconds.items())
-    result = {"rows": rows, "aggregate": agg, "geometry": geometry, "seconds_per_seed": seconds}
+    md += ("\n\n## Where length cannot help\n\nPlanted pairs split by which answer is longer; pooled over seeds, "
+           "95% intervals and paired differences from a bootstrap over seeds and pairs within a seed "
+           "(quality_length.py); sign test: exact, over the pairs where the two methods differ (McNemar's "
+           "exact test where neither ties).\n\n" + length_markdown(length))
+    result = {"rows": rows, "aggregate": agg, "length": length, "geometry": geometry, "seconds_per_seed": seconds}
     if downstream:
-        result.update(downstream_rows=downstream, downstream=aggregate_downstream(downstream))
+        result.update(downstream_rows=downstream,
+                      downstream=aggregate_downstream(downstream, paired_downstream(out, downstream)))
         downstream_plot(result["downstream"], out / "quality_downstream_accuracy.png")
-    md = "At a glance (means over seeds):\n\n" + glance_table(agg, result.get("downstream")) + "\n\n" + md
+    md = "At a glance (means over seeds):\n\n" + glance_table(agg, result.get("downstream"), length) + "\n\n" + md
     if downstream:
         md += ("\n\n## Downstream: the model trained on each selection\n\nHeld-out preference accuracy "
                "(`rewards/accuracies`) on the target's pairs that were neither validation nor planted prompts; "

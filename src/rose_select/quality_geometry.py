@@ -73,3 +73,53 @@ def direction_geometry(pool: np.ndarray, truth: Sequence, domain: str, *, pairwi
         mean_dir = _unit_rows(_unit_rows(np.asarray(v, np.float64)).mean(0, keepdims=True))[0]
         out[f"domain signal: {name}"] = float(mean_dir @ target_c - mean_dir @ other_c)
     return out
+
+
+# ---------------------------------------------------------------------------- length removed
+
+# benchmark rows that score like a ROSE method with the pool's length directions projected out of
+# the (unit, and for a centring method centred) pool features: label -> (method, directions)
+LENGTH_REMOVED = {"rose_plus-len1": ("rose_plus", 1), "rose_plus-len4": ("rose_plus", 4), "rose-len1": ("rose", 1)}
+
+
+def length_directions(x: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """``[k, d]``: the first ``k`` partial-least-squares directions of log answer length in the
+    rows of ``x`` (centred first; NIPALS): the covariance direction of length with the features,
+    then the same after the rows' scores on it are regressed out; orthonormal."""
+    x = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0)
+    y = np.log(np.maximum(np.asarray(lengths, np.float64), 1.0))
+    y = y - y.mean()
+    dirs = []
+    for _ in range(k):
+        u = x.T @ y
+        u /= max(float(np.linalg.norm(u)), 1e-300)
+        dirs.append(u)
+        t = x @ u
+        x = x - np.outer(t, x.T @ t / max(float(t @ t), 1e-300))
+    return np.array(dirs).reshape(k, x.shape[1])
+
+
+def remove_directions(x: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """``x`` with its component along every (orthonormal) row of ``dirs`` removed."""
+    return x - (x @ dirs.T) @ dirs
+
+
+def length_removed_scores(pool_stores: Sequence, val_stores: dict, summary: dict, lengths: np.ndarray,
+                          k: int) -> np.ndarray:
+    """A ROSE method's scores (its ``summary.json`` settings: direction, chosen weight, centring,
+    checkpoint weights) with ``k`` length directions of each checkpoint's pool features removed.
+    ``pool_stores``: per checkpoint the pool features; ``val_stores``: ``pairwise`` / ``chosen``
+    per checkpoint lists of validation features, ``groups`` the validation subtasks."""
+    from rose_select.select.scoring import normalize_rows, rose_scores, validation_directions
+
+    settings = summary  # a selection's summary.json holds its method's settings at the top level
+    pool = []
+    for feats in pool_stores:
+        x = np.asarray(feats, np.float64)
+        x = normalize_rows(x - x.mean(0) if settings["center"] else x)[0]
+        pool.append(remove_directions(x, length_directions(x, lengths, k)))
+    vals = [validation_directions(settings["direction"], pairwise=val_stores["pairwise"][i],
+                                  chosen=val_stores["chosen"][i] if val_stores.get("chosen") else None,
+                                  chosen_weight=settings["chosen_weight"]) for i in range(len(pool))]
+    return rose_scores(pool, vals, settings["checkpoint_weights"], val_stores["groups"], progress=False,
+                       dtype=np.float64).scores
