@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rose run --config configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider  # -rs: says which tests were skipped and why (e.g. no chromium)
 
 bench: $(STAMP)
 	$(PY) bench/featurize.py --quick

@@ -7,7 +7,7 @@ import numpy as np
 
 from rose_select.data import load_pool, load_preferences
 from rose_select.data.heldout import prompt_key
-from rose_select.pipeline import run_pipeline
+from rose_select.pipeline import PlantSection, run_pipeline
 from rose_select.planted import read_truth
 from rose_select.stats import wilson_interval
 from test_pipeline import _config
@@ -15,8 +15,6 @@ from test_pipeline import _config
 
 def _planted_run(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, methods=("rose_plus", "random"))
-    from rose_select.pipeline import PlantSection
-
     cfg.plant = PlantSection(generic_records=20, per_subtask=1)
     return cfg, run_pipeline(cfg)
 
@@ -46,3 +44,5 @@ def test_planted_run_builds_the_pool_and_measures_against_its_truth(tmp_path, ti
         assert fig["paired_accuracy"] == np.mean(wins) and fig["n_pairs"] == 2
     report = (run / "report.md").read_text()
     assert "The selections against the planted truth" in report and "pairs ranked right" in report
+    page = (run / "report.html").read_text()
+    assert "The selections against the planted truth" in page and "target row" in page and "preferred answer" in page

@@ -97,14 +97,15 @@ def test_page_in_a_real_browser_loads_without_errors_and_its_search_finds_a_sele
     needle = target["messages"][0]["content"]  # "Question <i>: ..." is unique to one record
     with Page(exe) as browser:
         browser.open(page.as_uri())
-        assert browser.wait_for("document.querySelectorAll('.gridjs-tbody .gridjs-tr').length") == 20
+        assert browser.wait_for("document.querySelectorAll('[data-ready] .tabulator-row').length") == 20
         browser.js("var s = document.getElementById('rose-method'); s.value = 'less'; "
                    "s.dispatchEvent(new Event('change'))")
-        browser.wait_for("document.body.dataset.roseMethod === 'less'")
-        browser.type(".gridjs-search-input", needle.split(":")[0] + ":")
-        rows = browser.wait_for("(() => { const r = [...document.querySelectorAll('.gridjs-tbody .gridjs-tr')]"
+        browser.wait_for("!!document.querySelector('div[data-method=less][data-ready]')")
+        browser.type("#rose-search", needle.split(":")[0] + ":")
+        rows = browser.wait_for("(() => { const r = [...document.querySelectorAll('div[data-method=less] .tabulator-row')]"
                                 ".map(tr => tr.textContent); return r.length === 1 && r; })()")
         assert target["id"] in rows[0]
+        assert browser.js("document.getElementById('rose-count').textContent") == "1 of 20 rows"
         shot = browser.screenshot(tmp_path / "report.png")
         assert browser.errors == []
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

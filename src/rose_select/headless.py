@@ -119,7 +119,8 @@ class Page:
         return r["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 20.0, poll: float = 0.05):
-        """Poll ``expression`` until it is truthy; its value (raises after ``timeout`` s)."""
+        """Poll ``expression`` until it is truthy; its value (raises after ``timeout`` s). A DOM node
+        comes back as ``{}``: test for one with ``!!``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = self.js(expression)

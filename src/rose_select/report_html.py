@@ -3,9 +3,10 @@
 Everything is inside the file: the metrics tables, the plots (PNG data URIs), and per method its
 selected examples (rank, score, best-matching subtask, answer length, a text preview; on a planted
 pool also whether each pick is a target row and a preferred answer) as a searchable, sortable,
-paginated table. The table is Grid.js (MIT, vendored in ``assets/vendor/gridjs/`` with its licence
-and source), which renders one page of rows at a time, so 13,500 selected rows stay usable
-(``bench/report_html.py`` times the load). Nothing is fetched: no server, no network.
+paginated table. The table is Tabulator (MIT, vendored in ``assets/vendor/tabulator/`` with its
+licence and source): its own sorting, header filters and pagination, and the page's search box is
+one Tabulator filter over every column. It renders one page of rows at a time, so 13,500 selected
+rows stay usable (``bench/report_html.py`` times the load). Nothing is fetched: no server, no network.
 
 ``report.html#method=NAME&q=TEXT`` opens on that method's table with the search box filled in.
 """
@@ -26,7 +27,7 @@ from rose_select.io import read_json, write_text
 from rose_select.select.topk import overlap_table, read_best_subtasks, read_selection, response_chars
 
 PREVIEW_CHARS = 240
-VENDOR = "assets/vendor/gridjs"
+VENDOR = "assets/vendor/tabulator"
 
 
 def preview(messages) -> str:
@@ -43,7 +44,7 @@ def _score(value) -> float | None:
 
 
 def selection_table(sel_dir: Path, truth: Mapping[str, object] | None = None) -> dict:
-    """One method's selected rows as Grid.js columns and rows (best first: rank = position)."""
+    """One method's selected rows as table columns and rows (best first: rank = position)."""
     sel_dir = Path(sel_dir)
     try:
         records = load_pool(sel_dir / "selected.jsonl", duplicate_ids="rename")
@@ -136,8 +137,8 @@ def write_report_html(path: Path, *, title: str, intro: str = "", tables: Sequen
                      + html_table(length_rows(selections, data["selections"])))
         parts.append(_examples_section(list(selections), truth is not None))
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_vendor('mermaid.min.css')}\n{CSS}</style></head><body>{''.join(parts)}"
-            f"<script>{_vendor('gridjs.umd.js')}</script>"
+            f"<style>{_vendor('tabulator_simple.min.css')}\n{CSS}</style></head><body>{''.join(parts)}"
+            f"<script>{_vendor('tabulator.min.js')}</script>"
             f"<script id='rose-data' type='application/json'>{_script_json(data)}</script>"
             f"<script>{APP_JS}</script></body></html>")
     write_text(path, page)
@@ -148,9 +149,10 @@ def _examples_section(names: list[str], planted: bool) -> str:
     options = "".join(f"<option value='{html.escape(n)}'>{html.escape(n)}</option>" for n in names)
     note = (" On a planted pool, <em>target row</em> says whether a pick is one of the planted target rows and "
             "<em>preferred answer</em> whether it carries the preferred answer of its prompt.") if planted else ""
-    return ("<h2>Selected examples</h2><p>Best first. Click a column to sort; the search box filters every "
-            f"column.{note}</p><label>method <select id='rose-method'>{options}</select></label>"
-            "<div id='rose-grid'></div>")
+    return ("<h2>Selected examples</h2><p>Best first. Click a column title to sort; the search box filters on "
+            f"every column, the boxes under the titles on one.{note}</p><p><label>method <select id='rose-method'>"
+            f"{options}</select></label> <label>search <input id='rose-search' type='search' size='40'></label> "
+            "<span id='rose-count'></span></p><div id='rose-grid'></div>")
 
 
 CSS = """
@@ -161,30 +163,69 @@ table.plain td:first-child,table.plain th:first-child{text-align:left}
 .plots{display:flex;flex-wrap:wrap;gap:1em}.plots img{max-width:560px}
 figure{margin:0}figcaption{font-size:13px;color:#555}
 #rose-grid{margin-top:.5em;font-size:13px}
+#rose-grid .tabulator-cell{white-space:normal}
 """
 
 APP_JS = r"""
 (function () {
+  // one Tabulator per method, made on first view and then hidden or shown; the search box sets one
+  // Tabulator filter (any cell contains the text, case-insensitive) on the table in view
   var data = JSON.parse(document.getElementById('rose-data').textContent);
   var picker = document.getElementById('rose-method');
   if (!picker) { return; }
-  var grid = null;
-  function show(method, keyword) {
-    var table = data.selections[method];
-    var el = document.getElementById('rose-grid');
-    if (grid) { grid.destroy(); }
-    el.innerHTML = '';
-    grid = new gridjs.Grid({
-      columns: table.columns, data: table.rows, sort: true,
-      search: keyword ? {keyword: keyword} : true,
-      pagination: {limit: 25}, resizable: false
-    }).render(el);
+  var search = document.getElementById('rose-search'), count = document.getElementById('rose-count');
+  var holder = document.getElementById('rose-grid'), made = {}, current = null;
+  var numeric = {'rank': 1, 'score': 1, 'answer chars': 1};
+  function columns(names) {
+    return names.map(function (name, i) {
+      var c = {title: name, field: 'c' + i, headerFilter: 'input', sorter: numeric[name] ? 'number' : 'string'};
+      if (i === names.length - 1) { c.formatter = 'plaintext'; c.widthGrow = 4; c.minWidth = 320; }
+      return c;
+    });
+  }
+  function rows(table) {
+    return table.rows.map(function (r) {
+      var o = {}; r.forEach(function (v, i) { o['c' + i] = v; }); return o;
+    });
+  }
+  function matches(needle) {
+    return function (row) {
+      for (var k in row) { if (String(row[k]).toLowerCase().indexOf(needle) >= 0) { return true; } }
+      return false;
+    };
+  }
+  function apply() {
+    var t = made[current].table, needle = search.value.trim().toLowerCase();
+    if (needle) { t.setFilter(matches(needle)); } else { t.clearFilter(); }
+  }
+  function counted(method) {
+    return function () {
+      if (method === current) { count.textContent = made[method].table.getDataCount('active') + ' of ' +
+        data.selections[method].rows.length + ' rows'; }
+    };
+  }
+  function show(method) {
+    current = method;
+    Object.keys(made).forEach(function (m) { made[m].el.style.display = m === method ? '' : 'none'; });
+    if (!made[method]) {
+      var el = document.createElement('div');
+      el.setAttribute('data-method', method);
+      holder.appendChild(el);
+      var table = new Tabulator(el, {
+        data: rows(data.selections[method]), columns: columns(data.selections[method].columns),
+        layout: 'fitColumns', pagination: true, paginationSize: 25, height: false
+      });
+      made[method] = {el: el, table: table};
+      table.on('tableBuilt', function () { el.setAttribute('data-ready', '1'); apply(); counted(method)(); });
+      table.on('dataFiltered', function () { setTimeout(counted(method), 0); });
+    } else { apply(); counted(method)(); }
     document.body.setAttribute('data-rose-method', method);
   }
   var params = new URLSearchParams(location.hash.replace(/^#/, ''));
-  var first = params.get('method');
-  if (first && data.selections[first]) { picker.value = first; }
-  picker.addEventListener('change', function () { show(picker.value, ''); });
-  show(picker.value, params.get('q') || '');
+  if (params.get('method') && data.selections[params.get('method')]) { picker.value = params.get('method'); }
+  search.value = params.get('q') || '';
+  picker.addEventListener('change', function () { show(picker.value); });
+  search.addEventListener('input', function () { if (made[current] && made[current].el.getAttribute('data-ready')) { apply(); } });
+  show(picker.value);
 })();
 """
