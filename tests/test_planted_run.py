@@ -19,8 +19,13 @@ def _planted_run(tmp_path, tiny_model_dir):
     return cfg, run_pipeline(cfg)
 
 
-def test_planted_run_builds_the_pool_and_measures_against_its_truth(tmp_path, tiny_model_dir):
+def test_planted_run_builds_the_pool_and_measures_against_its_truth(tmp_path, tiny_model_dir, capsys):
     cfg, run = _planted_run(tmp_path, tiny_model_dir)
+    out = capsys.readouterr().out
+    before, after = out.split("[rose run] plan:")[1:3]  # printed first, then again after the warm-up
+    assert "24 rows x 2 checkpoint(s)" in before and "6 triples" in before and "2 held-out pairs" in before
+    assert "estimated once the warm-up" in before and f"{run}/report.html" in before
+    assert "warmup" in after and "[done]" in after and "estimate for what is left" in after
     truth = read_truth(run / "planted")
     records = load_pool(run / "planted" / "pool.jsonl", format="messages")
     assert [r.id for r in records] == [t.id for t in truth] and len(truth) == 20 + 2 * 2
