@@ -92,7 +92,9 @@ def html_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) ->
 def _cell(v) -> str:
     if v is None:
         return "-"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"  # metrics to 4 decimals, seconds to 0.1
+    return str(v)
 
 
 def overlap_rows(selections: Mapping[str, Sequence[str]]) -> list[dict]:
