@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rose run --config configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider  # -rs: says which tests were skipped and why (e.g. no chromium)
 
 # The endpoint judge against a real llama.cpp server (README: "The paper's metric"). PyPI has only
 # llama-cpp-python's source archive: the first install compiles it, pip keeps the wheel.

@@ -130,9 +130,12 @@ def test_unknown_method_is_a_config_error(tmp_path):
 def test_demo_config_loads():
     from pathlib import Path
 
-    cfg = load_yaml(RunConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-    assert cfg.model == "smollm2-135m" and cfg.select.methods == ["rose", "less", "random"]
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_yaml(RunConfig, configs / "demo.yaml")  # the default methods on a planted pool
+    assert cfg.model == "smollm2-135m" and cfg.select.methods == RunConfig().select.methods and cfg.plant
     assert RunConfig().select.methods == ["rose_plus", "rose", "less", "random"]  # the default
+    old = load_yaml(RunConfig, configs / "demo_shp.yaml")  # the previous demo, kept for comparison
+    assert old.select.methods == ["rose", "less", "random"] and old.plant is None and "shp_5_shot" in old.validation
 
 
 def test_default_methods_run_end_to_end(tmp_path, tiny_model_dir):

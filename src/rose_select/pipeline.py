@@ -31,15 +31,19 @@ from rose_select.data import (
     find_heldout_file,
     first_per_subtask,
     heldout_pairs,
+    load_pool,
     load_preferences,
 )
 from rose_select.data.builtin import BUILTIN, resolve_input
+from rose_select.data.preferences import target_name
 from rose_select.errors import ConfigError, DataError
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
 from rose_select.io import content_fingerprint, read_json, sha256_file, sha256_json, write_json, write_text
 from rose_select.losses import DpoSettings
 from rose_select.modeling import LoraSettings, ModelSettings, model_identity
+from rose_select.outline import Work, outline, seconds_per_row_step
+from rose_select.report_html import write_report_html
 from rose_select.select.methods import (
     GRADIENT_METHODS,
     METHODS,
@@ -54,6 +58,7 @@ from rose_select.select.stage import (
     run_select,
 )
 from rose_select.select.topk import (
+    count_for_fraction,
     overlap_table,
     read_selection,
     reference_subtask_shares,
@@ -63,6 +68,7 @@ from rose_select.tables import markdown
 from rose_select.tokenization import TokenizeConfig
 from rose_select.checkpoint import read_warmup_checkpoints
 from rose_select.train.stage import (
+    choose_subset,
     Schedule,
     TrainConfig,
     WarmupConfig,
@@ -112,6 +118,19 @@ class EvaluateSection(EvalSettings):
 
 
 @dataclass
+class PlantSection:
+    """A planted pool (planted.py): generic rows of ``pool`` plus held-out target pairs, each twice."""
+
+    generic_records: int = field(default=100, metadata={"help": "generic rows drawn (seeded) from the pool"})
+    per_subtask: int = field(default=4, metadata={"help": "held-out target prompts planted per subtask, each with its preferred and its dispreferred answer"})
+
+    def __post_init__(self):
+        if self.generic_records < 1 or self.per_subtask < 1:
+            raise ConfigError(f"plant: generic_records and per_subtask must be >= 1, got "
+                              f"{self.generic_records} and {self.per_subtask}")
+
+
+@dataclass
 class RunConfig(ModelSettings, SubtaskSettings, DpoSettings):
     """A whole run. Its sections are the stages' own settings classes, handed to them whole."""
 
@@ -130,6 +149,7 @@ class RunConfig(ModelSettings, SubtaskSettings, DpoSettings):
     select: SelectSection = field(default_factory=SelectSection)
     train: Schedule = field(default_factory=Schedule)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    plant: PlantSection | None = field(default=None, metadata={"help": "plant held-out target pairs into the pool, to measure each selection against known truth"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -307,6 +327,8 @@ def _start(cfg: RunConfig) -> _Run:
             raise DataError("file not found", path=path, field=name)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
+    if cfg.plant:  # from here on the run's pool is the planted one
+        pool, cfg = _planted_pool(cfg, validation, run_dir)
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation), "model": model_identity(cfg.model)}
     run = _Run(cfg, run_dir, pool, validation, data_fp, StageLedger(run_dir))
     run.warm, run.train = training_configs(cfg, run_dir, pool)
@@ -317,9 +339,27 @@ def _start(cfg: RunConfig) -> _Run:
     return run
 
 
-def _warmup_and_features(run: _Run) -> list[Path]:
+def _planted_pool(cfg: RunConfig, validation: str, run_dir: Path) -> tuple[str, RunConfig]:
+    """Build the planted pool (``run_dir/planted/``); the run's config with it as the pool."""
+    from rose_select import planted  # imported when used: planted -> quality -> pipeline
+
+    path, _ = planted.build(cfg, validation, run_dir / "planted")
+    return str(path), replace(cfg, pool=str(path), pool_format="messages", pool_limit=None)
+
+
+def _heldout(run: _Run):
+    """(source, pairs) the final models are measured on; on a planted pool also minus its prompts."""
+    if not run.cfg.plant:
+        return heldout_triples(run.cfg, run.validation)
+    from rose_select import planted
+
+    return planted.evaluation_triples(run.cfg, run.validation, Path(run.pool), planted.read_truth(run.dir / "planted"))
+
+
+def _warmup_and_features(run: _Run, after_warmup=lambda: None) -> list[Path]:
     """Warm-up, then every feature store the methods need; returns the checkpoints scored."""
     run.shared_ledger.run("warmup", run.fp_warm, [run.shared / "warmup"], lambda: str(run_warmup(run.warm)))
+    after_warmup()
     ckpts = _checkpoints(run.cfg, run.shared / "warmup")
     for key, fcfg in featurize_jobs(run.cfg, run.dir, run.shared, run.pool, run.validation, ckpts):
         pool_job = key.endswith("/pool")
@@ -369,12 +409,37 @@ def _train_and_evaluate(run: _Run, triples) -> None:
                        lambda c=ecfg: str(run_evaluate(c, triples=triples)))
 
 
+def run_work(run: _Run, n_heldout: int) -> Work:
+    """The rows each stage of the run will process (for the printed outline)."""
+    cfg = run.cfg
+    n_pool = len(load_pool(run.pool, format=cfg.pool_format, limit=cfg.pool_limit))
+    kw = cfg.subtask_kwargs()
+    grad = bool(set(cfg.select.methods) & set(GRADIENT_METHODS))
+    ckpts = len(cfg.featurize.checkpoints) if cfg.featurize.checkpoints else cfg.warmup.epochs
+    return Work(pool=n_pool, warmup=len(choose_subset(n_pool, cfg.warmup.fraction, cfg.seed)),
+                warmup_epochs=cfg.warmup.epochs, checkpoints=ckpts if grad else 0,
+                validation=len(load_preferences(run.validation, **kw)), methods=tuple(cfg.select.methods),
+                selected=count_for_fraction(cfg.select.fraction, n_pool), train_epochs=cfg.train.epochs,
+                heldout=n_heldout)
+
+
+def _print_outline(run: _Run, work: Work) -> None:
+    """The outline, with a time estimate once the warm-up has been timed."""
+    warm = run.shared_ledger.state.get("warmup", {})
+    rate = seconds_per_row_step(warm["seconds"], work) if warm.get("done") and warm.get("seconds") else None
+    done = tuple(k for k in ("warmup",) if warm.get("done"))
+    planted = " (planted: generic rows + held-out target pairs)" if run.cfg.plant else ""
+    print(outline(work, run.dir, f"{run.pool}{planted}", rate, done), flush=True)
+
+
 def run_pipeline(cfg: RunConfig) -> Path:
     """The whole pipeline; returns the run directory (with report.md)."""
     run = _start(cfg)
-    ckpts = _warmup_and_features(run)
+    heldout_source, triples = _heldout(run)
+    work = run_work(run, len(triples))
+    _print_outline(run, work)
+    ckpts = _warmup_and_features(run, lambda: _print_outline(run, work))
     _select_all(run, ckpts)
-    heldout_source, triples = heldout_triples(cfg, run.validation)
     _train_and_evaluate(run, triples)
     costs = cost_table({**run.shared_ledger.state, **run.ledger.state},
                        run_counts(run.dir, run.shared, cfg.select.methods, len(triples)),
@@ -398,6 +463,20 @@ def summary_rows(run: Path, methods: list[str]) -> list[dict]:
     return rows
 
 
+def planted_section(cfg: RunConfig, run: Path, methods: list[str]) -> tuple[dict | None, str]:
+    """On a planted pool: each method's figures against the ground truth, and their markdown."""
+    if not cfg.plant:
+        return None, ""
+    from rose_select import planted
+
+    truth = planted.read_truth(run / "planted")
+    figs = planted.figures(run, methods, truth, target_name(cfg.validation))
+    n_target = sum(r.domain != "generic" for r in truth)
+    return figs, (f"## The selections against the planted truth\n\n{len(truth)} pool rows, {n_target} of them "
+                  f"planted target rows ({n_target // 2} held-out prompts, each with its preferred and its "
+                  f"dispreferred answer). 95% Wilson intervals.\n\n{markdown(planted.figures_rows(figs))}\n\n")
+
+
 def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int, ledger: StageLedger,
                  costs: dict | None = None) -> str:
 
@@ -418,14 +497,37 @@ def write_report(cfg: RunConfig, run: Path, heldout_source: str, n_heldout: int,
         plots.share_bar_chart(shares, run / "subtask_share.png",
                               title=f"share per best-matching subtask (assigned by {reference})")
     timing = {k: v.get("seconds") for k, v in ledger.state.items()}
+    figs, planted_md = planted_section(cfg, run, list(sels))
     write_json(run / "results.json", {"rows": rows, "heldout_source": heldout_source, "n_heldout": n_heldout,
-                                      "stage_seconds": timing, "costs": costs})
+                                      "planted": figs, "stage_seconds": timing, "costs": costs})
     report = (f"# rose run: {run}\n\nmodel `{cfg.model}`, pool `{cfg.pool}`, target `{cfg.validation}`; "
               f"{n_heldout} held-out pairs from `{Path(heldout_source).name}` (prompts used for selection removed).\n\n"
+              + planted_md +
               f"## Held-out preference metrics (implicit reward vs the base model)\n\n{table}\n\n"
               f"## Selection overlap (Jaccard)\n\n{overlap_md}\n\n"
               f"## Selected share per subtask\n\n{shares_md}\n\n"
               f"## Stage times (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timing.items()) + "\n"
               + (f"\n## Cost per stage\n\n{cost_markdown(costs, markdown)}\n" if costs else ""))
     write_text(run / "report.md", report)
-    return table
+    _report_html(cfg, run, rows, figs, timing, list(sels))
+    return planted_md + table
+
+
+def _report_html(cfg: RunConfig, run: Path, rows: list[dict], figs: dict | None, timing: dict, methods: list[str]) -> None:
+    """``report.html``: the report's tables and plots, and every method's selected examples."""
+    truth = None
+    tables = [("Held-out preference metrics", "Implicit reward against the base model, on held-out pairs "
+               "no method saw (rewards/accuracies: share of pairs whose better answer gets the larger reward).", rows)]
+    if figs is not None:
+        from rose_select import planted
+
+        truth = {t.id: t for t in planted.read_truth(run / "planted")}
+        tables.insert(0, ("The selections against the planted truth", "Target precision against the base rate, "
+                          "the preferred share of the target rows picked, and the planted prompts whose preferred "
+                          "row outscored its dispreferred row; 95% Wilson intervals.", planted.figures_rows(figs)))
+    tables.append(("Stage times (s)", "", [{"stage": k, "seconds": v} for k, v in timing.items()]))
+    images = [(run / f, c) for f, c in (("accuracy.png", "held-out preference accuracy"), ("overlap.png", "overlap"),
+                                        ("subtask_share.png", "share per best-matching subtask"))]
+    write_report_html(run / "report.html", title=f"rose run: {run}",
+                      intro=f"model {cfg.model}, pool {cfg.pool}, target {cfg.validation}",
+                      tables=tables, images=images, selections={m: run / "select" / m for m in methods}, truth=truth)

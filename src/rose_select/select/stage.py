@@ -19,6 +19,7 @@ from rose_select.data import SubtaskSettings, load_pool, load_preferences
 from rose_select.errors import ConfigError, DataError, StoreMismatchError
 from rose_select.io import read_json, sha256_file, write_dir_atomically, write_json
 from rose_select.modeling import ModelSettings
+from rose_select.report_html import write_report_html
 from rose_select.select.methods import METHODS, SCORERS, VARIANTS, warmup_lrs
 from rose_select.select.provenance import check_same_pool
 from rose_select.select.scoring import DIRECTIONS, ScoreResult
@@ -206,6 +207,9 @@ def add_cli_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                              "has per-subtask scores, every selection's share per best-matching subtask) and exit")
     parser.add_argument("--plot-dir", default=None,
                         help="with --compare: also write overlap.png and subtask_share.png here")
+    parser.add_argument("--report", default=None, metavar="FILE",
+                        help="with --compare: where to write report.html (default: PLOT_DIR/report.html, "
+                             "else beside the first selection directory)")
 
 
 def handle_cli(command: str, args) -> int | None:
@@ -226,4 +230,9 @@ def handle_cli(command: str, args) -> int | None:
         if shares is not None:
             plots.share_bar_chart(shares, Path(args.plot_dir) / "subtask_share.png",
                                   title=f"share per best-matching subtask (assigned by {reference})")
+    report = Path(args.report) if args.report else Path(args.plot_dir or Path(args.compare[0]).resolve().parent) / "report.html"
+    images = [(Path(args.plot_dir) / f, f[:-4].replace("_", " ")) for f in ("overlap.png", "subtask_share.png")] if args.plot_dir else []
+    write_report_html(report, title="rose select --compare", intro=", ".join(map(str, dirs.values())), images=images,
+                      selections={name: Path(p) for name, p in dirs.items()})
+    print(f"\nreport: {report}")
     return 0
