@@ -123,6 +123,14 @@ def test_select_compare_cli_prints_overlap_and_subtask_shares(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| random | 1.000 |" in out and "assigned by rose" in out and "| g1 |" in out
     assert (tmp_path / "plots" / "overlap.png").exists() and (tmp_path / "plots" / "subtask_share.png").exists()
+    # these hand-made records are no pool format the readers know: the page shows them as raw JSON
+    from rose_select.report_html import selection_table
+
+    assert (tmp_path / "plots" / "report.html").exists()
+    picked = [json.loads(line) for line in (tmp_path / "rose" / "selected.jsonl").read_text().splitlines()]
+    rows = selection_table(tmp_path / "rose")["rows"]
+    assert [r[4] for r in rows] == [str(d["id"]) for d in picked]
+    assert [json.loads(r[5]) for r in rows] == picked  # the raw record, whole (short enough here)
 
 
 def test_jaccard_and_overlap_table():

@@ -46,23 +46,34 @@ def _score(value) -> float | None:
 def selection_table(sel_dir: Path, truth: Mapping[str, object] | None = None) -> dict:
     """One method's selected rows as table columns and rows (best first: rank = position)."""
     sel_dir = Path(sel_dir)
-    try:
-        records = load_pool(sel_dir / "selected.jsonl", duplicate_ids="rename")
-    except DataError as e:  # a pool read through a column map: show the ids, say why there is no text
-        raise DataError(f"report.html: cannot read the selected records' text ({e})", path=str(sel_dir)) from None
     best = read_best_subtasks(sel_dir) if (sel_dir / "scores.jsonl").exists() else None
     columns = ["rank", "score", "best subtask", "answer chars", "id", "text (user ⟶ answer)"]
     if truth is not None:
         columns[4:4] = ["target row", "preferred answer"]
     rows = []
-    for rank, r in enumerate(records, 1):
-        row = [rank, _score(r.raw.get("score")), (best or {}).get(r.id, "-"), response_chars(r), r.id, preview(r.messages)]
+    for rank, (rid, score, chars, text) in enumerate(_selected_rows(sel_dir / "selected.jsonl"), 1):
+        row = [rank, _score(score), (best or {}).get(rid, "-"), chars, rid, text]
         if truth is not None:
-            t = truth.get(r.id)
+            t = truth.get(rid)
             row[4:4] = ["yes" if t and t.domain != "generic" else "no",
                         "-" if t is None or t.preferred is None else ("yes" if t.preferred else "no")]
         rows.append(row)
     return {"columns": columns, "rows": rows}
+
+
+def _selected_rows(path: Path) -> list[tuple]:
+    """(id, score, answer chars, text preview) per selected row. A pool whose format the readers
+    do not know (one read through a column map) still gets its rows: the raw record as JSON."""
+    try:
+        return [(r.id, r.raw.get("score"), response_chars(r), preview(r.messages))
+                for r in load_pool(path, duplicate_ids="rename")]
+    except DataError:
+        raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [(str(d.get("id")), d.get("score"), "-", _clip(json.dumps(d, ensure_ascii=False))) for d in raw]
+
+
+def _clip(text: str, limit: int = PREVIEW_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def length_rows(selections: Mapping[str, Path], tables: Mapping[str, dict]) -> list[dict]:
@@ -71,7 +82,7 @@ def length_rows(selections: Mapping[str, Path], tables: Mapping[str, dict]) -> l
     out = []
     for name, sel_dir in selections.items():
         summary = read_json(Path(sel_dir) / "summary.json") if (Path(sel_dir) / "summary.json").exists() else {}
-        lengths = sorted(row[3] for row in tables[name]["rows"])
+        lengths = sorted(row[3] for row in tables[name]["rows"] if isinstance(row[3], int))
         rho = summary.get("length_spearman")
         out.append({"method": name, "Spearman(score, answer length), whole pool": "-" if rho is None else f"{rho:+.2f}",
                     "median answer chars of the selection": lengths[len(lengths) // 2] if lengths else "-",
