@@ -44,6 +44,7 @@ from rose_select.config import load_yaml  # noqa: E402
 from rose_select.data import load_pool, load_preferences  # noqa: E402
 from rose_select.data.builtin import resolve_input  # noqa: E402
 from rose_select.features import gradients as G  # noqa: E402
+from rose_select.losses import response_logprobs  # noqa: E402
 from rose_select.features.joint import joint_features  # noqa: E402
 from rose_select.features.projection import make_projector  # noqa: E402
 from rose_select.io import write_json  # noqa: E402
@@ -116,7 +117,7 @@ def flops_per_token(cfg: RunConfig, model, tok, sample: int) -> dict:
 
     def eval_step(b):
         with torch.no_grad():
-            G.response_logprobs(model, b)
+            response_logprobs(model, b)
 
     val_batches = [collate([e["chosen"] for e in c] + [e["rejected"] for e in c], pad)
                    for c in chunks(triples, cfg.featurize.batch_size)]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rose_select.errors import ConfigError, NonFiniteError
-from rose_select.features.gradients import (AdamState, adam_transform, forward_logits, loop_features,
-                                   pair_row_to_item, pairwise_loss_fn, per_example_features,
-                                   response_logprobs, sft_loss_fn)
+from rose_select.features.gradients import (AdamState, adam_transform, loop_features, pair_row_to_item,
+                                   pairwise_loss_fn, per_example_features, sft_loss_fn)
+from rose_select.losses import forward_logits, response_logprobs
 from rose_select.losses import dpo_loss, sequence_logprob, sft_loss_per_example, sum_per_row, token_logprobs
 from rose_select.modeling import LoraSettings, attach_lora, load_model, lora_parameters
 from rose_select.tokenization import collate

@@ -240,7 +240,7 @@ def evaluate_step(cfg: PlanConfig, model, batch):
     """The evaluation forward: response log-probabilities, no gradient (``sequence_stats``)."""
     import torch
 
-    from rose_select.features.gradients import response_logprobs
+    from rose_select.losses import response_logprobs
 
     model.eval()
 

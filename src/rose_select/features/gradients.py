@@ -37,13 +37,7 @@ from torch import Tensor
 
 from rose_select.errors import ConfigError, NonFiniteError
 from rose_select.features.projection import project_full
-from rose_select.losses import (  # noqa: F401  forward_logits, response_logprobs: re-exported
-    dpo_loss,
-    forward_logits,
-    response_logprobs,
-    sequence_logprob_of,
-    sft_loss_fn,
-)
+from rose_select.losses import dpo_loss, sequence_logprob_of, sft_loss_fn
 from rose_select.modeling import lora_parameters
 from rose_select.checkpoint import checkpoint_moments
 

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from rose_select.errors import ConfigError
-from rose_select.features.gradients import _autocast, _check_finite, per_example_features, response_logprobs
+from rose_select.features.gradients import _autocast, _check_finite, per_example_features
+from rose_select.losses import response_logprobs
 from rose_select.losses import sum_per_row
 from rose_select.modeling import load_model
 
