@@ -494,3 +494,18 @@ def test_not_utf8_and_gzip(tmp_path):
         f.write(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
     (rec,) = data.load_pool(gz)
     assert rec.id == "pool_0"
+
+
+def test_a_files_notice_is_said_once_per_version_of_the_file(tmp_path, caplog):
+    """Two stages of one run read the same file: its notice once, not twice; an edited file is a
+    new version and is named again."""
+    path = write_json(tmp_path / "sharegpt.json", SHAREGPT)
+    with caplog.at_level(logging.WARNING, logger="rose_select.data"):
+        data.load_pool(path)
+        data.load_pool(path)
+    assert caplog.text.count("skipped 3 record") == 1
+    write_json(path, SHAREGPT[:-1])  # one bad record fewer: another version of the file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rose_select.data"):
+        data.load_pool(path)
+    assert caplog.text.count("skipped 2 record") == 1

@@ -78,15 +78,33 @@ class ProblemLog:
         if self.skipped:
             detail = "; ".join(f"{n} {why} ({some_names(self.skipped_at.get(why, []))})"
                                for why, n in sorted(self.skipped.items()))
-            log.warning("%s: skipped %d record(s): %s", path, sum(self.skipped.values()), detail)
+            _warn_once(path, "%s: skipped %d record(s): %s", path, sum(self.skipped.values()), detail)
         for why, names in sorted(self.kept_at.items()):
-            log.warning("%s: %d record(s) kept, but %s: %s", path, len(names), why, some_names(names))
+            _warn_once(path, "%s: %d record(s) kept, but %s: %s", path, len(names), why, some_names(names))
 
     def no_records(self, path) -> DataError:
         """The error of a file that yields no record at all (empty, blank, or everything skipped)."""
         why = "; ".join(f"{n} skipped: {why}" for why, n in sorted(self.skipped.items()))
         what = f"no usable record ({why})" if why else "no records (the file is empty or blank)"
         return data_error("empty_file", what, path=path)
+
+
+_WARNED: set[tuple] = set()
+
+
+def _warn_once(path, fmt: str, *args) -> None:
+    """A file's data notice, said once per process for one version of the file: several stages of
+    one run read the same file (planting and the held-out pairs both read the larger-shot file),
+    and the same notice twice reads like two problems."""
+    try:
+        st = Path(path).stat()
+        version = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    except (OSError, TypeError, ValueError):
+        version = (str(path),)
+    key = (version, fmt % args)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(fmt, *args)
 
 
 def some_names(names: list[str], most: int = 5) -> str:
