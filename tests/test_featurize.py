@@ -118,3 +118,28 @@ def test_cpu_autocast_is_applied_and_auto_stays_float32(tiny_model_dir, ckpt, fi
     assert not np.array_equal(full, bf16)
     cos = (full * bf16).sum(1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(bf16, axis=1))
     assert cos.min() > 0.98, cos
+
+
+def test_a_store_records_its_precision_and_the_fidelity_measured_for_it(tiny_model_dir, ckpt, files, tmp_path,
+                                                                        monkeypatch):
+    """meta.json says what the features were computed in (weights, adapter, autocast, storage) and
+    what bench/bf16_fidelity.py measured for that precision against float32; float32 is the exact
+    path itself."""
+    from rose_select.data.builtin import asset_path
+    from rose_select.features.stage import PRECISION_FIDELITY
+
+    monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+    table = json.loads(asset_path(PRECISION_FIDELITY).read_text())
+    expected = {"none": ("float32", "float32", None, "float32"),
+                "bfloat16": ("float32", "float32", "bfloat16", "bf16_autocast"),
+                "weights": ("bfloat16", None, None, "bf16_weights")}
+    for name, (weights, adapter, autocast, mode) in expected.items():
+        kw = {"model_dtype": "bfloat16"} if name == "weights" else {"autocast": name}
+        run_featurize(_cfg(tiny_model_dir, ckpt, files[0], tmp_path / name, store_dtype="float16", **kw))
+        got = _read(tmp_path / name)[1]["precision"]
+        assert (got["base_weights"], got["autocast"], got["mode"], got["store"]) == (weights, autocast, mode, "float16")
+        if adapter:
+            assert got["adapter"] == adapter
+        assert got["fidelity"]["source"] == table["source"]
+        assert got["fidelity"]["compute"] == ({"exact": True} if mode == "float32" else table["modes"].get(mode))
+        assert got["fidelity"]["store"] == table["modes"].get("float16_store")

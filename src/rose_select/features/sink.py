@@ -81,7 +81,7 @@ def write_round(job, stores: list, round_, got, done) -> tuple[list, int]:
     return stores, written
 
 
-def finalize(stores: list) -> None:
+def finalize(stores: list, notes: dict | None = None) -> None:
     for store in stores:
         if store is not None and not store.meta.get("complete"):
-            store.finalize()
+            store.finalize(notes)

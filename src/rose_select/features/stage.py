@@ -171,6 +171,39 @@ def autocast_dtype(cfg: FeaturizeConfig, device):
     return getattr(torch, cfg.autocast)
 
 
+PRECISION_FIDELITY = "precision_fidelity.json"  # assets/: written by bench/bf16_fidelity.py
+
+
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def measured_fidelity(mode: str, store_dtype: str) -> dict:
+    """What bench/bf16_fidelity.py measured for this precision against the float32 path (README,
+    "bf16 that keeps the ranking"): the worst seed's Spearman of ROSE scores and top-5%/10%
+    overlap, for the computation and for the storage format; None where it was not measured."""
+    import json
+
+    from rose_select.data.builtin import asset_path
+
+    table = json.loads(asset_path(PRECISION_FIDELITY).read_text())
+    exact = {"exact": True}
+    return {"source": table["source"], "compute": exact if mode == "float32" else table["modes"].get(mode),
+            "store": exact if store_dtype == "float32" else table["modes"].get(f"{store_dtype}_store")}
+
+
+def precision_record(job: "_Job") -> dict:
+    """The precision a store was computed in (``meta.json``: ``precision``) and its measured
+    fidelity: a store says how far its ranking may stand from the exact path's."""
+    weights = _dtype_name(job.model.get_input_embeddings().weight.dtype)
+    adapter = next((_dtype_name(p.dtype) for p in job.model.parameters() if p.requires_grad), None)
+    autocast = _dtype_name(job.amp)
+    mode = {("float32", None): "float32", ("bfloat16", None): "bf16_weights",
+            ("float32", "bfloat16"): "bf16_autocast"}.get((weights, autocast), "unmeasured")
+    return {"base_weights": weights, "adapter": adapter, "autocast": autocast, "projection": "float32",
+            "store": job.store_dtype, "mode": mode, "fidelity": measured_fidelity(mode, job.store_dtype)}
+
+
 def _in_file(err: DataError, path: str) -> DataError:
     """The same problem, with the data file named (tokenisation knows only the record)."""
     if err.path is not None:
@@ -470,7 +503,7 @@ def run_featurize(cfg: FeaturizeConfig, *, stop_after_batches: int | None = None
             stats.update(batches=len(batches), seconds=seconds)
         if d.is_main and finished:
             log.info("featurized %d batches in %.1fs", len(batches), seconds)
-            sink.finalize(stores)
+            sink.finalize(stores, {"precision": precision_record(job)})
     finally:
         D.stop(d)
     return Path(cfg.output)

@@ -283,15 +283,16 @@ class FeatureStore:
         err.ids = ids
         raise err
 
-    def finalize(self) -> None:
-        """Mark the store complete; raises ``StoreNotReadyError`` while rows are pending."""
+    def finalize(self, notes: dict | None = None) -> None:
+        """Mark the store complete, recording ``notes`` (e.g. the precision) in ``meta.json``;
+        raises ``StoreNotReadyError`` while rows are pending."""
         pending = self.pending()
         if pending.size:
             ids = [self.rows["ids"][i] for i in pending[:5]]
             raise StoreNotReadyError(
                 f"{self.path}: {pending.size} of {self.n_rows} rows have no features yet (e.g. "
                 f"{ids}); run again with the same settings to fill them")
-        self.meta = {**self.meta, "complete": True, "updated": _now()}
+        self.meta = {**self.meta, **_jsonable(notes or {}), "complete": True, "updated": _now()}
         write_json(self.path / META, self.meta)
 
 
