@@ -21,7 +21,9 @@ float32's, and the overlap of the top 5% and top 10%. Where the loss is, comes f
   validation chosen-answer row (SFT loss, no Adam) with its float32 row;
 - *the chosen-minus-rejected difference*: cosine of each pairwise row with its float32 row, beside
   the chosen-answer rows of the same pass. Where the pairwise rows lose much more than the chosen
-  rows, the two nearly parallel gradients cancel and the rounding is left.
+  rows, the two nearly parallel gradients cancel and the rounding is left;
+- *Adam preconditioning* (first run only): the pool features without the Adam transform, float32
+  vs bf16 autocast, scored against the float32 validation store.
 
 Writes bench/results/bf16_fidelity.json and prints a markdown table.
 """
@@ -91,10 +93,10 @@ def featurize_and_score(run: Path, cfg: RunConfig, out: Path) -> dict:
     pool, validation = str(run / "planted" / "pool.jsonl"), resolve_input(cfg.validation)
     if not Path(pool).exists():
         pool = resolve_input(cfg.pool)
-    ckpts = _checkpoints(cfg, run / "warmup")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "warmup").exists():
         (out / "warmup").symlink_to((run / "warmup").resolve())  # the checkpoint weights' learning rates
+    ckpts = _checkpoints(cfg, out / "warmup")
     seconds = 0.0
     for _, job in featurize_jobs(cfg, out, out, pool, validation, ckpts):
         t0 = time.perf_counter()
@@ -109,7 +111,28 @@ def featurize_and_score(run: Path, cfg: RunConfig, out: Path) -> dict:
     return {"seconds": seconds, "scores": scores, "stores": stores}
 
 
-def one_seed(run: Path, work: Path) -> dict:
+def adam_view(run: Path, cfg: RunConfig, work: Path, got: dict) -> dict:
+    """Adam's share: the pool features again without the Adam transform, in float32 and under bf16
+    autocast, scored against the float32 validation store (rose). If bf16 keeps this ranking
+    much better than the Adam one, the preconditioning (which divides by the root of the second
+    moment, so near-zero, cancelling gradients are magnified) is where the precision goes."""
+    pool, validation = str(run / "planted" / "pool.jsonl"), resolve_input(cfg.validation)
+    scores = {}
+    for name in ("float32", "bf16_autocast"):
+        vcfg = with_precision(cfg, work / name, PRECISIONS[name])
+        ckpts = _checkpoints(cfg, work / name / "warmup")
+        stores = []
+        for _, job in featurize_jobs(vcfg, work / name, work / name, pool, validation, ckpts):
+            if job.data_kind == "pool":
+                job = replace(job, adam=False, output=str(Path(job.output).with_name("pool_no_adam")))
+                run_featurize(job)
+                stores.append(job.output)
+        scores[name] = score_stores(stores, got["float32"]["stores"]["val_pairwise"], np.ones(len(stores)),
+                                    progress=False)[0].scores
+    return fidelity(scores["float32"], scores["bf16_autocast"])
+
+
+def one_seed(run: Path, work: Path, with_adam_view: bool = False) -> dict:
     cfg = load_yaml(RunConfig, run / "config.yaml")
     got = {}
     for name, precision in PRECISIONS.items():
@@ -137,6 +160,8 @@ def one_seed(run: Path, work: Path) -> dict:
             "cosine": {k: row_cosines(ref_feats[k], feats[k]) for k in feats},
             "time_vs_float32": g["seconds"] / ref["seconds"],
         }
+    if with_adam_view:
+        row["bf16_autocast_pool_without_adam"] = adam_view(run, cfg, work, got)
     return row
 
 
@@ -182,13 +207,14 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="finished `rose run` directories (one per seed)")
     ap.add_argument("--work", default="runs/bench-bf16", help="where the re-featurized stores go")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bf16_fidelity.json"))
+    ap.add_argument("--no-adam-view", action="store_true", help="skip the pool features without Adam (first run)")
     ap.add_argument("--package", action="store_true", help=f"also write the summary {PACKAGE_TABLE.name} into the "
                     "package (what `rose featurize` records as a store's measured fidelity)")
     args = ap.parse_args(argv)
     os.environ.setdefault("ROSE_NO_PROGRESS", "1")
     rows = []
-    for run in map(Path, args.runs):
-        rows.append(one_seed(run, Path(args.work) / run.name))
+    for i, run in enumerate(map(Path, args.runs)):
+        rows.append(one_seed(run, Path(args.work) / run.name, with_adam_view=i == 0 and not args.no_adam_view))
         print(table(rows[-1:]), flush=True)
     res = {"cpu": CPU, "load_end": os.getloadavg(), "rows": rows}
     out = Path(args.out)
