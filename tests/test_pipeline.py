@@ -150,3 +150,27 @@ def test_default_methods_run_end_to_end(tmp_path, tiny_model_dir):
     assert summary["method"] == "rose_plus" and summary["n_selected"] == 10
     assert (run / "features" / "ckpt-1" / "val_sft" / "meta.json").exists()
     assert (run / "eval" / "rose_plus" / "metrics.json").exists()
+
+
+def test_a_second_run_into_a_live_runs_directory_is_refused_and_a_killed_one_blocks_nothing(tmp_path, tiny_model_dir):
+    """Two `rose run`s into one directory would interleave their stages' files: the second is
+    refused before it writes anything, naming the holder. The lock dies with its process, so a
+    run killed with SIGKILL leaves nothing that blocks the rerun."""
+    import os
+    import subprocess
+    import sys
+
+    from rose_select.errors import BusyError
+    from rose_select.io import hold_directory
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    first = hold_directory(cfg.output_dir, "rose run")
+    with pytest.raises(BusyError, match=rf"in use by another rose run \(pid {os.getpid()}, since "):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    first.close()
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys\nfrom rose_select.io import hold_directory\n"
+                             "h = hold_directory(sys.argv[1], 'rose run')\nos.kill(os.getpid(), signal.SIGKILL)",
+                             cfg.output_dir])
+    assert killed.returncode == -9
+    hold_directory(cfg.output_dir, "rose run").close()  # free again

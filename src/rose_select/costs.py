@@ -7,16 +7,24 @@ or on all of it) are scaled by ``N / n_pool``; stages over the validation or hel
 their measured time. Bytes scale with the pool for the pool feature stores and the selection
 outputs (``N`` rows); checkpoints and adapters do not. Device count: 1 per GPU; on a CPU the
 intra-op threads the stage ran with, so CPU device-hours are core-hours.
+
+Beside the measured figures, the plan's (``plan.run_figures``: the run's own model, settings,
+pool lengths and device) for the stages over pool records: planned TFLOP, the FLOP/s achieved
+(planned FLOPs over measured seconds: on a GPU the measured MFU, once divided by its peak), and
+on CUDA the planned peak memory at the stage's batch and device-hours at the plan's MFU. The
+plan is cheap (fake tensors) and never breaks a run: a failure leaves the columns empty.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 from rose_select.io import read_json
 
+log = logging.getLogger(__name__)
 # stage kind -> (time grows with the pool, bytes grow with the pool); featurize depends on the store
 SCALING = {"warmup": (True, False), "select": (True, True), "train": (True, False), "evaluate": (False, False)}
 
@@ -92,6 +100,43 @@ def cost_table(entries: dict, counts: dict, device: str, project: int | None = N
             "host_cores": os.cpu_count()}
 
 
+PLANNED = ("planned_tflop", "achieved_tflops", "planned_peak_gib", "planned_device_hours")
+
+
+def plan_stage(key: str) -> str | None:
+    """The plan's stage of a cost-table row, for the stages over pool records (else None)."""
+    kind, last = key.split("/")[0], key.split("/")[-1]
+    if kind == "featurize":
+        return "featurize_pool" if last == "pool" else None
+    return kind if kind in ("warmup", "train") else None
+
+
+def planned_columns(row: dict, stage: dict | None, flops_rate: float | None) -> dict:
+    """A row's planned TFLOP (per example times its examples), the TFLOP/s that achieves in the
+    measured seconds, and (CUDA) the planned peak GiB and device-hours at ``flops_rate``."""
+    if not stage or not row["examples"]:
+        return dict.fromkeys(PLANNED)
+    tflop = stage["tflop_per_example"] * row["examples"]
+    return {"planned_tflop": tflop, "achieved_tflops": tflop / row["seconds"] if row["seconds"] else None,
+            "planned_peak_gib": stage["peak_gib"],
+            "planned_device_hours": tflop * 1e12 / flops_rate / 3600 if flops_rate else None}
+
+
+def add_plan_columns(costs: dict, figures) -> dict:
+    """``costs`` with the plan's columns; ``figures()`` returns ``plan.run_figures``. A plan that
+    fails logs one warning line and leaves the columns empty: the plan never breaks a run."""
+    try:
+        plan = figures()
+    except Exception as e:  # noqa: BLE001 (any failure of an estimate must not cost the run)
+        log.warning("cost table: planned columns left empty, the plan failed: %s: %s", type(e).__name__, e)
+        plan = {"stages": {}, "flops_rate": None}
+    for row in costs["rows"]:
+        row.update(planned_columns(row, plan["stages"].get(plan_stage(row["stage"])), plan["flops_rate"]))
+    costs["total"]["planned_tflop"] = sum(r["planned_tflop"] or 0 for r in costs["rows"])
+    costs["plan"] = plan
+    return costs
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -102,14 +147,21 @@ def _size(n: float) -> str:
 def cost_markdown(costs: dict, table) -> str:
     """The cost section of report.md; ``table`` is the report's markdown table writer."""
     show = lambda v, k: (_size(v) if "bytes" in k else f"{v:.4f}" if "hours" in k  # noqa: E731
-                         else f"{v:.1f}" if isinstance(v, float) else v)
+                         else f"{v:.3g}" if "tflop" in k else f"{v:.1f}" if isinstance(v, float) else v)
     cols = ["stage", "seconds", "device", "device_count", "device_hours", "bytes", "examples"]
     if costs["project_pool_size"]:
         cols += ["projected_seconds", "projected_device_hours", "projected_bytes"]
+    if "plan" in costs:
+        cols += [k for k in PLANNED if k in PLANNED[:2] or any(r.get(k) is not None for r in costs["rows"])]
     rows = [{k: (None if r.get(k) is None else show(r[k], k)) for k in cols} for r in costs["rows"] + [costs["total"]]]
     note = (f"Projected to a pool of {costs['project_pool_size']:,} examples (this run: {costs['pool_size']:,}) "
             "from the measured seconds per example; validation and held-out stages keep their time. "
             "Fixed start-up costs (model loading) are scaled too: projected from a small run, the "
             "figures are upper bounds.\n\n"
             if costs["project_pool_size"] else "")
+    if "plan" in costs:
+        note += ("planned_tflop: the plan's FLOPs (`rose plan`: the run's model and settings at its pool's "
+                 "token lengths) for the stages over pool records; achieved_tflops: those over the measured "
+                 "seconds (loading included). Training rows at the pool's mean length, not the selection's."
+                 + ("" if costs["plan"]["stages"] else " The plan failed: see the log.") + "\n\n")
     return note + table(rows, cols)

@@ -41,6 +41,11 @@ class IncompatibleError(StoreMismatchError):
     checkpoint, projection, data file or subtask layout); names the key and both sides."""
 
 
+class BusyError(RoseError, RuntimeError):
+    """Another live process is writing the same output directory; two at once would interleave
+    their stages' files."""
+
+
 class CheckpointError(RoseError, ValueError):
     """A checkpoint is missing something a stage needs (adapter, optimizer state, lr log)."""
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
+
+from rose_select.errors import BusyError
 
 
 @contextlib.contextmanager
@@ -152,3 +156,28 @@ def run_once(out: str | os.PathLike, fn: Callable[[], Any], stamp: Any) -> None:
         return
     fn()
     write_json(done, want)
+
+
+LOCK_NAME = ".lock"
+
+
+def hold_directory(directory: str | os.PathLike, what: str) -> IO:
+    """An exclusive lock on ``directory`` for as long as the returned file stays open. The kernel
+    drops it when the process ends, killed or not, so a crash never leaves a lock that blocks the
+    rerun; a second live process gets ``BusyError`` naming the holder, before it writes anything."""
+    path = Path(directory) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise BusyError(f"{directory} is in use by another {what} ({holder}); wait for it to end, or "
+                        f"choose another output directory") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle

@@ -15,10 +15,12 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 from rose_select import plots
 from rose_select.config import compose, save_yaml, section_fields, to_dict
 from rose_select.costs import (
+    add_plan_columns,
     cost_markdown,
     cost_table,
     current_threads,
@@ -39,10 +41,12 @@ from rose_select.data.preferences import target_name
 from rose_select.errors import ConfigError, DataError
 from rose_select.evaluation import EvalConfig, EvalSettings, run_evaluate
 from rose_select.features.stage import FeatureSettings, FeaturizeConfig, run_featurize
-from rose_select.io import content_fingerprint, read_json, sha256_file, sha256_json, write_json, write_text
+from rose_select.io import (content_fingerprint, hold_directory, read_json, sha256_file, sha256_json, write_json,
+                            write_text)
 from rose_select.losses import DpoSettings
 from rose_select.modeling import LoraSettings, ModelSettings, model_identity
 from rose_select.outline import Work, outline, seconds_per_row_step
+from rose_select.plan import run_figures
 from rose_select.report_html import write_report_html
 from rose_select.select.methods import (
     GRADIENT_METHODS,
@@ -316,6 +320,7 @@ class _Run:
     fp_warm: str = ""
     shared: Path = None  # target-independent stages: the run dir, or shared by runs with the same warm-up
     shared_ledger: StageLedger = None
+    lock: IO = None  # the run directory's lock (io.hold_directory), held while the run lives
 
 
 def _start(cfg: RunConfig) -> _Run:
@@ -326,11 +331,12 @@ def _start(cfg: RunConfig) -> _Run:
         if not Path(path).is_file():
             raise DataError("file not found", path=path, field=name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_directory(run_dir, "rose run")  # until this process ends
     save_yaml(cfg, run_dir / "config.yaml")
     if cfg.plant:  # from here on the run's pool is the planted one
         pool, cfg = _planted_pool(cfg, validation, run_dir)
     data_fp = {"pool": sha256_file(pool), "validation": sha256_file(validation), "model": model_identity(cfg.model)}
-    run = _Run(cfg, run_dir, pool, validation, data_fp, StageLedger(run_dir))
+    run = _Run(cfg, run_dir, pool, validation, data_fp, StageLedger(run_dir), lock=lock)
     run.warm, run.train = training_configs(cfg, run_dir, pool)
     run.fp_warm = _fp(replace(run.warm, output=""), data_fp["pool"], data_fp["model"])
     run.shared = Path(cfg.shared_dir) / f"warmup-{run.fp_warm}" if cfg.shared_dir else run_dir
@@ -444,6 +450,8 @@ def run_pipeline(cfg: RunConfig) -> Path:
     costs = cost_table({**run.shared_ledger.state, **run.ledger.state},
                        run_counts(run.dir, run.shared, cfg.select.methods, len(triples)),
                        resolved_device(cfg.device), cfg.project_pool_size)
+    if resolved_device(cfg.device) == "cuda" or cfg.project_pool_size:  # the plan: ~15 s of a 2-core CPU
+        costs = add_plan_columns(costs, lambda: run_figures(run.cfg, run.pool, cfg.device))
     table = write_report(cfg, run.dir, heldout_source, len(triples), run.ledger, costs)
     print(table)
     return run.dir

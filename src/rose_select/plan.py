@@ -14,6 +14,14 @@ Batches that fit: the largest batch whose planned peak, plus ``margin`` (allocat
 fragmentation), fits the device memory less ``reserve`` (CUDA context, cuBLAS workspace), which
 ``max_memory_allocated`` does not see.
 
+A pool (``--pool``): its records are encoded as featurization encodes them (``encode_record``:
+template, truncation), and the stages over pool records (warm-up, featurization, training) take
+their FLOPs from the actual lengths. Per item they are exactly ``c0 + c1 t + c2 t^2 + c3 r`` in
+the padded width ``t`` (attention grows with ``t^2``) and the response tokens ``r`` (the output
+head runs only there): four traces fix the coefficients (``LengthFlops``), summed over the items,
+featurization's at their width in its length-sorted batches, the trainer's unpadded (exact at
+its micro-batch of 1; larger random micro-batches pad more). Memory: the longest item.
+
 Device-hours: FLOPs (matrix products and attention, what ``FlopCounterMode`` counts) over the
 device's peak dense bf16 rate times ``mfu``. The default MFU (0.35) is what LoRA fine-tuning of
 7-13B models at 2k tokens commonly reaches with Hugging Face's Trainer on A100/H100; it is a stated
@@ -30,12 +38,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rose_select.config import require
+from rose_select.config import require, section_fields
 from rose_select.errors import ConfigError
 from rose_select.features.stage import FeatureSettings
 from rose_select.io import write_json
 from rose_select.losses import DpoSettings
-from rose_select.modeling import LoraSettings, ModelSettings
+from rose_select.modeling import EMBEDDED_ALIASES, LoraSettings, ModelSettings, resolve_model
 from rose_select.tokenization import TokenizeConfig
 from rose_select.train.stage import Schedule
 
@@ -48,6 +56,8 @@ DEVICES = {
     "l40s-48gb": (46068 * 2**20, 362e12), "a10-24gb": (23028 * 2**20, 125e12),
 }
 STAGES = ("warmup", "featurize_pool", "validation", "scoring", "train", "evaluate")
+POOL_STAGES = ("warmup", "featurize_pool", "train")  # the stages whose items are pool records
+PAPER_POOL = 270679  # the Tulu v2 mix of the paper: the pool size without --pool
 
 
 @dataclass
@@ -60,7 +70,9 @@ class PlanSettings:
     mfu: float = field(default=0.35, metadata={"help": "model-FLOPs utilisation assumed for device-hours"})
     margin: float = field(default=0.10, metadata={"help": "fraction of the planned peak added for allocator rounding and fragmentation"})
     reserve_gib: float = field(default=1.0, metadata={"help": "device memory not available to tensors (CUDA context, workspaces)"})
-    pool_size: int = field(default=270679, metadata={"help": "pool examples (default: the Tulu v2 mix of the paper)"})
+    pool: Optional[str] = field(default=None, metadata={"help": "pool file (any format the pool readers take, or builtin:...): its tokenized lengths set the pool stages' FLOPs, memory and pool size"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer for --pool (local directory or hub id; default: the model's own, which a named shape lacks)"})
+    pool_size: Optional[int] = field(default=None, metadata={"help": "pool examples (default: the records of --pool, else 270,679: the Tulu v2 mix of the paper)"})
     validation_size: int = field(default=100, metadata={"help": "validation triples"})
     heldout_size: int = field(default=500, metadata={"help": "held-out evaluation pairs"})
     mean_length: Optional[int] = field(default=None, metadata={"help": "mean tokens per example for FLOPs (default: tokenize.max_length); memory uses max_length"})
@@ -74,7 +86,8 @@ class PlanSettings:
             (self.gpus >= 1, f"gpus must be >= 1, got {self.gpus}"),
             (0 < self.mfu <= 1, f"mfu must be in (0, 1], got {self.mfu}"),
             (self.margin >= 0 and self.reserve_gib >= 0, "margin and reserve_gib must be >= 0"),
-            (min(self.pool_size, self.validation_size, self.heldout_size) >= 1, "pool, validation and heldout sizes must be >= 1"),
+            ((self.pool_size is None or self.pool_size >= 1) and min(self.validation_size, self.heldout_size) >= 1,
+             "pool, validation and heldout sizes must be >= 1"),
             (0 < self.select_fraction <= 1 and 0 < self.warmup_fraction <= 1, "select_fraction and warmup_fraction must be in (0, 1]"),
         ])
         getattr(super(), "__post_init__", lambda: None)()
@@ -116,7 +129,7 @@ def model_config(name: str):
         data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
         return AutoConfig.for_model(data.pop("model_type"), **data)
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(resolve_model(name) if name.lower() in EMBEDDED_ALIASES else name)
     except OSError as e:
         raise ConfigError(f"model {name!r}: not a named shape ({', '.join(named_shapes())}), config.json, "
                           f"model directory or reachable hub id ({e})") from None
@@ -148,14 +161,16 @@ def fake_model(config, layers: int, dtype: str, lora: LoraSettings, mode):
 # --------------------------------------------------------------------------- the stages' steps
 
 
-def synthetic_batch(rows: int, length: int, vocab: int) -> dict:
-    """``rows`` sequences of ``length`` tokens, every token after the first a response token
-    (the worst case for the response-only head), collated as the stages collate."""
+def synthetic_batch(rows: int, length: int, vocab: int, response: int | None = None) -> dict:
+    """``rows`` sequences of ``length`` tokens whose last ``response`` tokens are response tokens
+    (default: every token after the first, the worst case for the response-only head), collated
+    as the stages collate."""
     from rose_select.losses import IGNORE_INDEX
     from rose_select.tokenization import collate
 
+    prompt = 1 if response is None else length - response
     ids = [3 + (i % (vocab - 3)) for i in range(length)]
-    return collate([{"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]}] * rows, 0)
+    return collate([{"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]}] * rows, 0)
 
 
 def _amp(cfg: PlanConfig, mixed_precision: str | None = None):
@@ -260,16 +275,18 @@ STEPS = {
 }
 
 
-def stage_trace(cfg: PlanConfig, stage: str, model, items: int, length: int, mode=None):
-    """Trace one step of ``stage`` on ``items`` items of ``length`` tokens; with a fake ``mode``
-    the batch becomes constant fake tensors and the step runs in that mode."""
+def stage_trace(cfg: PlanConfig, stage: str, model, items: int, length: int, mode=None,
+                response: int | None = None):
+    """Trace one step of ``stage`` on ``items`` items of ``length`` tokens (``response`` of them
+    response tokens; see ``synthetic_batch``); with a fake ``mode`` the batch becomes constant
+    fake tensors and the step runs in that mode."""
     import contextlib
 
     from rose_select.plan_trace import constant, trace
 
     build, per_item = STEPS[stage]
     vocab = model.get_input_embeddings().weight.shape[0]
-    batch = synthetic_batch(items * per_item, length, vocab)  # real: built outside the fake mode
+    batch = synthetic_batch(items * per_item, length, vocab, response)  # real: built outside the fake mode
     with mode if mode is not None else contextlib.nullcontext():
         if mode is not None:
             batch = {k: constant(mode, v) for k, v in batch.items()}
@@ -310,9 +327,10 @@ def largest_batch(peak: Affine, layers: int, budget: float, cap: int = 4096) -> 
     return max(0, min(cap, math.floor(room / per_item)))
 
 
-def stage_fits(cfg: PlanConfig, config, stages, length: int) -> dict:
+def stage_fits(cfg: PlanConfig, config, stages, length: int, response: int | None = None) -> dict:
     """``{stage: (peak Affine, flops Affine)}`` from four fake runs per stage (1 and 2 layers,
-    batch 1 and 2) of the stage's own step; stages with equal steps share the runs."""
+    batch 1 and 2) of the stage's own step on items of ``length`` tokens (``response`` of them
+    response tokens); stages with equal steps share the runs."""
     import torch
 
     from rose_select.plan_trace import fake_mode
@@ -328,7 +346,7 @@ def stage_fits(cfg: PlanConfig, config, stages, length: int) -> dict:
                 same = "warmup" if stage == "train" and cfg.train == cfg.warmup and "warmup" in stages else None
                 for b in (1, 2):
                     traces[stage][layers, b] = (traces[same][layers, b] if same else
-                                                stage_trace(cfg, stage, model, b, length, mode))
+                                                stage_trace(cfg, stage, model, b, length, mode, response))
         del model
     torch.set_grad_enabled(True)
     key = [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -336,6 +354,139 @@ def stage_fits(cfg: PlanConfig, config, stages, length: int) -> dict:
     fits = {s: (Affine.fit(*(t[k].peak_bytes for k in key)), Affine.fit(*(t[k].flops for k in key)))
             for s, t in traces.items()}
     return fits, lora[2] - lora[1]
+
+# --------------------------------------------------------------------------- a pool's lengths
+
+
+@dataclass
+class PoolLengths:
+    """Each record of a pool as featurization encodes it: tokens after truncation and predicted
+    (response) positions, and how many records truncation cut."""
+
+    path: str
+    max_length: int
+    tokens: list[int]
+    responses: list[int]
+    truncated: int
+
+    def summary(self) -> dict:
+        import numpy as np
+
+        t = np.asarray(self.tokens)
+        return {"pool": self.path, "n": len(t), "mean": float(t.mean()), "p50": float(np.percentile(t, 50)),
+                "p95": float(np.percentile(t, 95)), "max": int(t.max()),
+                "truncated_share": self.truncated / len(t), "max_length": self.max_length}
+
+
+def pool_lengths(records, tokenizer, tcfg: TokenizeConfig, path: str) -> PoolLengths:
+    """Encode ``records`` with ``encode_record`` (the featurizer's and trainer's own encoding:
+    template, response-first truncation); a record at the cap is encoded once more without it to
+    tell whether it was cut. A record truncation leaves no response token stops the plan, as it
+    stops featurization, naming the file and the record."""
+    from dataclasses import replace
+
+    from rose_select.errors import DataError
+    from rose_select.losses import IGNORE_INDEX
+    from rose_select.tokenization import encode_record
+
+    uncut = replace(tcfg, max_length=2**62)
+    tokens, responses, truncated = [], [], 0
+    for rec in records:
+        try:
+            enc = encode_record(rec, tokenizer, tcfg)
+        except DataError as e:
+            raise DataError(e.problem, path=path, record=e.record, field=e.field) from None
+        tokens.append(len(enc["input_ids"]))
+        responses.append(sum(label != IGNORE_INDEX for label in enc["labels"][1:]))
+        at_cap = tokens[-1] == tcfg.max_length
+        truncated += at_cap and len(encode_record(rec, tokenizer, uncut)["input_ids"]) > tcfg.max_length
+    return PoolLengths(path, tcfg.max_length, tokens, responses, truncated)
+
+
+def plan_tokenizer(cfg: PlanConfig):
+    """The tokenizer of ``--pool``: ``--tokenizer``, else the model's own (a ``config.json``'s
+    directory, a model directory, the embedded model, a hub id); a named shape has none."""
+    from rose_select.errors import ModelLoadError
+    from rose_select.modeling import load_tokenizer
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if (SHAPES_DIR / f"{cfg.model.lower()}.json").is_file():
+        raise ConfigError(f"model {cfg.model!r} is a named shape without a tokenizer: give --tokenizer (a local "
+                          f"model directory or hub id) to tokenize --pool {cfg.pool}")
+    source = Path(cfg.model).expanduser()
+    try:
+        return load_tokenizer(str(source.parent) if source.is_file() else cfg.model)
+    except ModelLoadError as e:
+        raise ConfigError(f"--pool needs a tokenizer and {cfg.model!r} has none ({e}); give --tokenizer") from None
+
+
+def read_pool_lengths(cfg: PlanConfig) -> PoolLengths:
+    from rose_select.data import load_pool, resolve_input
+
+    path = resolve_input(cfg.pool)
+    return pool_lengths(load_pool(path), plan_tokenizer(cfg), cfg.tokenize, path)
+
+
+@dataclass
+class LengthFlops:
+    """FLOPs of one item at full depth as a function of its padded width ``t`` and its predicted
+    positions ``r``: ``c0 + c1 t + c2 t^2 + c3 r``. Exact, not an approximation: matrix products
+    in the layers grow with ``t``, attention's score and value products with ``t^2``, the
+    response-only output head with ``r``, and nothing else counts FLOPs. Fitted through four
+    traced points (``length_points``); the tests check it against traces at other lengths."""
+
+    c: tuple[float, float, float, float]
+
+    @classmethod
+    def fit(cls, points: list[tuple[int, int]], flops: list[float]) -> "LengthFlops":
+        import numpy as np
+
+        rows = [[1.0, t, t * t, r] for t, r in points]
+        return cls(tuple(float(v) for v in np.linalg.solve(np.array(rows), np.array(flops, dtype=float))))
+
+    def at(self, t, r):
+        return self.c[0] + self.c[1] * t + self.c[2] * t * t + self.c[3] * r
+
+
+def length_points(longest: int) -> list[tuple[int, int]]:
+    """Four (width, responses) points spanning the pool's lengths (8 tokens at least, so they
+    differ): three widths with every token after the first a response token (the first: the
+    memory of the longest item), and the top width with a quarter of them."""
+    top = max(longest, 8)
+    return [(top, top - 1), (top // 2, top // 2 - 1), (top // 4, top // 4 - 1), (top, top // 4)]
+
+
+def pool_fits(cfg: PlanConfig, config, stages, longest: int) -> tuple[dict, int]:
+    """``{stage: (peak Affine at the longest item, LengthFlops)}`` and the LoRA parameters per
+    layer: ``stage_fits`` at each of ``length_points``, per-item FLOPs at the model's depth."""
+    layers, points = config.num_hidden_layers, length_points(longest)
+    runs = [stage_fits(cfg, config, stages, t, r) for t, r in points]
+    fits = [f for f, _ in runs]
+    per_item = {s: [f[s][1].c + f[s][1].d * layers for f in fits] for s in stages}
+    return {s: (fits[0][s][0], LengthFlops.fit(points, per_item[s])) for s in stages}, runs[0][1]
+
+
+def padded_widths(tokens: list[int], batch: int) -> list[int]:
+    """Each item's padded width in featurization's own batches (``plan_batches``: sorted by
+    length, then chunked): the longest item of its batch."""
+    from rose_select.features.stage import plan_batches
+
+    widths = list(tokens)
+    for rows in plan_batches([[{"input_ids": range(t)}] for t in tokens], max(batch, 1)):
+        for i in rows:
+            widths[i] = max(tokens[j] for j in rows)
+    return widths
+
+
+def mean_item_flops(fit: LengthFlops, lengths: PoolLengths, batch: int | None) -> float:
+    """Mean FLOPs per pool item: every item at its own length (``batch`` None: the trainer's
+    micro-batches, exact at its default of 1) or at its padded width in featurization's sorted
+    batches of ``batch``."""
+    import numpy as np
+
+    widths = lengths.tokens if batch is None else padded_widths(lengths.tokens, batch)
+    return float(np.mean(fit.at(np.asarray(widths, dtype=float), np.asarray(lengths.responses, dtype=float))))
 
 # --------------------------------------------------------------------------- the plan
 
@@ -362,10 +513,9 @@ def disk_bytes(cfg: PlanConfig, lora_numel: int) -> dict:
             "train": lora_numel * 4, "evaluate": 0}
 
 
-def _stage_row(cfg: PlanConfig, stage: str, fit, layers: int, items: int, budget: float) -> dict:
-    peak, flops = fit
+def _stage_row(cfg: PlanConfig, stage: str, peak: Affine, per_item: float, layers: int, items: int,
+               budget: float) -> dict:
     best = largest_batch(peak, layers, budget)
-    per_item = flops.c + flops.d * layers
     hours = items * per_item / (cfg.flops_rate() * cfg.mfu) / 3600
     sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max(2 * best, 1)]
     return {"stage": stage, "device": "gpu", "items": items, "batch": best,
@@ -383,28 +533,70 @@ def _scoring_row(cfg: PlanConfig, items: int) -> dict:
             "wall_hours": 0.0}
 
 
+def pool_figures(cfg: PlanConfig, config, lengths: PoolLengths, budget: float,
+                 feature_batch: int | None = None) -> dict:
+    """``{stage: (peak Affine, mean FLOPs per item)}`` of the pool stages at the pool's lengths
+    (``pool_fits``); featurization's items padded in its sorted batches of ``feature_batch``
+    (default: the largest that fits ``budget``, what ``auto_batch`` takes on CUDA)."""
+    layers = config.num_hidden_layers
+    fits, _ = pool_fits(cfg, config, POOL_STAGES, max(lengths.tokens))
+    out = {}
+    for stage, (peak, flops) in fits.items():
+        batch = (feature_batch or largest_batch(peak, layers, budget)) if stage == "featurize_pool" else None
+        out[stage] = (peak, mean_item_flops(flops, lengths, batch))
+    return out
+
+
+def stage_figures(cfg: PlanConfig, config, lengths: PoolLengths | None, budget: float) -> tuple[dict, int]:
+    """``{stage: (peak Affine, FLOPs per item)}`` of the GPU stages and the LoRA parameters per
+    layer: memory at ``tokenize.max_length``, FLOPs at ``mean_length`` (default: the same); with
+    a pool, its stages at its lengths (``pool_figures``)."""
+    layers = config.num_hidden_layers
+    rest = [s for s in GPU_STAGES if lengths is None or s not in POOL_STAGES]
+    fits, lora_per_layer = stage_fits(cfg, config, rest, cfg.tokenize.max_length)
+    if cfg.mean_length and cfg.mean_length != cfg.tokenize.max_length:
+        flop_fits, _ = stage_fits(cfg, config, rest, cfg.mean_length)
+        fits = {s: (fits[s][0], flop_fits[s][1]) for s in fits}
+    figures = {s: (peak, flops.c + flops.d * layers) for s, (peak, flops) in fits.items()}
+    if lengths is not None:
+        figures.update(pool_figures(cfg, config, lengths, budget))
+    return figures, lora_per_layer
+
+
 def make_plan(cfg: PlanConfig) -> dict:
     """The plan as a dict (see ``format_plan``)."""
+    from dataclasses import replace
+
     config = model_config(cfg.model)
+    lengths = read_pool_lengths(cfg) if cfg.pool else None
+    cfg = replace(cfg, pool_size=cfg.pool_size or (len(lengths.tokens) if lengths else PAPER_POOL))
     layers = config.num_hidden_layers
-    fits, lora_per_layer = stage_fits(cfg, config, GPU_STAGES, cfg.tokenize.max_length)
-    if cfg.mean_length and cfg.mean_length != cfg.tokenize.max_length:
-        flop_fits, _ = stage_fits(cfg, config, GPU_STAGES, cfg.mean_length)
-        fits = {s: (fits[s][0], flop_fits[s][1]) for s in fits}
     budget = (cfg.memory() - cfg.reserve_gib * GIB) / (1 + cfg.margin)
+    figures, lora_per_layer = stage_figures(cfg, config, lengths, budget)
     items, disk = stage_items(cfg), disk_bytes(cfg, lora_per_layer * layers)
     rows = [_scoring_row(cfg, items[s]) if s == "scoring" else
-            _stage_row(cfg, s, fits[s], layers, items[s], budget) for s in STAGES]
+            _stage_row(cfg, s, *figures[s], layers, items[s], budget) for s in STAGES]
     for r in rows:
         r["disk_bytes"] = disk[r["stage"]]
     return {"model": cfg.model, "layers": layers, "model_dtype": cfg.model_dtype, "gpu": cfg.gpu,
             "gpus": cfg.gpus, "memory_gib": cfg.memory() / GIB, "budget_gib": budget / GIB,
             "max_length": cfg.tokenize.max_length, "mean_length": cfg.mean_length or cfg.tokenize.max_length,
+            "pool_lengths": lengths.summary() if lengths else None, "pool_size": cfg.pool_size,
             "mfu": cfg.mfu, "peak_flops": cfg.flops_rate(), "lora_params": lora_per_layer * layers,
             "checkpoints": cfg.warmup.epochs, "rows": rows,
             "total": {"device_hours": sum(r["device_hours"] for r in rows),
                       "wall_hours": sum(r["wall_hours"] for r in rows),
                       "disk_bytes": sum(r["disk_bytes"] for r in rows)}}
+
+
+def format_lengths(summary: dict, pool_size: int) -> str:
+    """The pool's length line of the printed plan."""
+    scaled = f", scaled to a pool of {pool_size:,}" if pool_size != summary["n"] else ""
+    return (f"pool {summary['pool']}: {summary['n']:,} records{scaled}; tokens mean {summary['mean']:.1f}, "
+            f"p50 {summary['p50']:.0f}, p95 {summary['p95']:.0f}, max {summary['max']}; "
+            f"{summary['truncated_share']:.1%} truncated at {summary['max_length']}. Warm-up, featurization "
+            f"and training at these lengths (memory at the longest; featurization padded in its sorted "
+            f"batches), validation and evaluation at the tokens above")
 
 
 def format_plan(plan: dict) -> str:
@@ -425,6 +617,8 @@ def format_plan(plan: dict) -> str:
     t = plan["total"]
     rows.append({"stage": "total", "device-hours": f"{t['device_hours']:.1f}", "wall hours": f"{t['wall_hours']:.1f}",
                  "disk": _size(t["disk_bytes"])})
+    if plan.get("pool_lengths"):
+        head += "\n" + format_lengths(plan["pool_lengths"], plan["pool_size"])
     return head + "\n\n" + markdown(rows, list(rows[0]))
 
 
@@ -436,6 +630,56 @@ def run_plan(cfg: PlanConfig) -> Optional[Path]:
         return None
     write_json(cfg.output, plan)
     return Path(cfg.output)
+
+# --------------------------------------------------------------------------- a run's own plan
+
+
+def gpu_kind(name: str, memory: int) -> str | None:
+    """The device kind (a key of ``DEVICES``) of a CUDA device's name, e.g. ``NVIDIA H100 80GB
+    HBM3``; None for a device the table does not know (its peak FLOP/s is then unknown)."""
+    import re
+
+    upper = name.upper()
+    for token, kind in (("H200", "h200-141gb"), ("H100", "h100-80gb"), ("L40S", "l40s-48gb")):
+        if token in upper:
+            return kind
+    if "A100" in upper:
+        return "a100-80gb" if memory > 48 * GIB else "a100-40gb"
+    return "a10-24gb" if re.search(r"\bA10\b", upper) else None
+
+
+def run_figures(run_cfg, pool: str, device: str) -> dict:
+    """The plan of a run's own pool stages, for its cost table: per stage the planned TFLOP per
+    example processed (every epoch; the pool's mean, at its tokenized lengths), and on CUDA the
+    planned peak GiB at the stage's batch; ``flops_rate``: the device's peak times MFU (None
+    where unknown, and on the CPU). ``run_cfg``: a ``RunConfig`` (its sections, whole)."""
+    import torch
+
+    from rose_select.costs import resolved_device
+    from rose_select.data import load_pool
+
+    device = torch.device(device if device != "auto" else resolved_device(device))
+    cuda = device.type == "cuda"
+    warmup = Schedule(**section_fields(run_cfg.warmup, Schedule))  # as a Schedule: equal to train, shared traces
+    cfg = PlanConfig(model=run_cfg.model, model_dtype=run_cfg.model_dtype, lora=run_cfg.lora,
+                     tokenize=run_cfg.tokenize, featurize=run_cfg.featurize, warmup=warmup,
+                     train=run_cfg.train, beta=run_cfg.beta, gpu=str(free_device_bytes(device)))
+    config = model_config(cfg.model)
+    layers, budget = config.num_hidden_layers, cfg.memory() / (1 + cfg.margin)
+    lengths = pool_lengths(load_pool(pool, format=run_cfg.pool_format, limit=run_cfg.pool_limit),
+                           plan_tokenizer(cfg), cfg.tokenize, pool)
+    auto = cfg.featurize.auto_batch == "always" or cfg.featurize.auto_batch == "cuda" and cuda
+    feature_batch = None if auto else cfg.featurize.batch_size
+    figures = {}
+    for stage, (peak, per_item) in pool_figures(cfg, config, lengths, budget, feature_batch).items():
+        schedule = {"warmup": cfg.warmup, "train": cfg.train}.get(stage)
+        batch = schedule.batch_size if schedule else feature_batch or largest_batch(peak, layers, budget)
+        figures[stage] = {"tflop_per_example": per_item * (schedule.epochs if schedule else 1) / 1e12,
+                          "peak_gib": peak.at(layers, batch) / GIB if cuda else None}
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
+    kind = gpu_kind(torch.cuda.get_device_name(device), total) if cuda else None
+    return {"stages": figures, "flops_rate": DEVICES[kind][1] * cfg.mfu if kind else None, "mfu": cfg.mfu,
+            "lengths": lengths.summary()}
 
 # --------------------------------------------------------------------------- batch_size: auto
 

@@ -124,10 +124,18 @@ class _GlobalOnly:
 
 
 def flop_counter():
-    """torch's ``FlopCounterMode`` (matrix products and attention), counting totals only."""
+    """torch's ``FlopCounterMode`` (matrix products and attention), counting totals only. torch
+    has no formula for the CPU's fused attention kernel, the one a fake run takes
+    (``_sdp_choice``) and a real CPU run too: without one, attention counted zero FLOPs. It gets
+    the formulas of the CUDA kernels (the same products: ``Q K^T`` and ``P V``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    aten = torch.ops.aten
     counter = FlopCounterMode(display=False)
+    cuda_kernel = counter.flop_registry  # its own copy, with the formulas already wrapped
+    cuda_kernel[aten._scaled_dot_product_flash_attention_for_cpu] = cuda_kernel[aten._scaled_dot_product_flash_attention]
+    cuda_kernel[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+        cuda_kernel[aten._scaled_dot_product_flash_attention_backward]
     counter.mod_tracker = _GlobalOnly()
     return counter
 
