@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,19 +32,41 @@ def test_gpu_script_dry_run(tmp_path):
     assert row["featurize_vs_train"] > 0 and row["lora_params"] > 0
     parts = json.loads((tmp_path / "gpu_dry_run_parts.json").read_text())
     assert parts["ok"] and {p["status"] for p in parts["parts"].values()} == {"ok"}
+    assert set(parts["parts"]) == {"device_tests", "bench", "rehearsal"}
     assert parts["bench"] == res
+    assert parts["rehearsal"] == json.loads((tmp_path / "rehearsal_dry_run.json").read_text())
+    _check_rehearsal(parts["rehearsal"])
     assert "Warning" not in done.stderr, done.stderr[-2000:]
 
 
+def _check_rehearsal(res):
+    """The dry-run's rehearsal (tiny model, CPU, 1 and 2 layers): every row measured and timed.
+    The plan equals the real run's live tensor bytes and FLOPs; the process's high-water mark is
+    not compared with it: for a model of a few hundred KiB it is the process's own ~25-35 MiB
+    (first-use code and allocator pages), which full-width rows make negligible."""
+    stages = ("featurize_pool", "validation", "train", "evaluate")
+    assert {(r["stage"], r["layers"]) for r in res["rows"]} == {(s, n) for s in stages for n in (1, 2)}
+    for r in res["rows"]:
+        assert "error" not in r and "skipped" not in r, r
+        assert r["measured_gib"] > 0 and r["timed_peak_gib"] > 0 and r["plan_gib"] > 0
+        assert r["live_gib"] == pytest.approx(r["plan_gib"], rel=0.02)
+        assert r["plan_tflop"] > 0 and r["traced_tflop"] == pytest.approx(r["plan_tflop"], rel=1e-9)
+        assert r["timed_step_s"] > 0 and r["achieved_tflops"] == pytest.approx(
+            r["plan_tflop"] / r["timed_step_s"])
+        assert r["mfu"] is None  # the CPU has no peak FLOP/s in the plan's device table
+
+
 def test_gpu_script_survives_a_failing_part(tmp_path):
-    """A failing first part (the tests) does not stop the benchmark; the JSON records both."""
-    done = _gpu_sh(tmp_path, TESTS=str(tmp_path / "no_such_test.py"))
+    """A failing first part (the tests) does not stop the benchmark and the rehearsal (one stage
+    here, to keep CI short); the JSON records all three."""
+    done = _gpu_sh(tmp_path, TESTS=str(tmp_path / "no_such_test.py"), REHEARSAL_STAGES="evaluate")
     assert done.returncode != 0
     parts = json.loads((tmp_path / "gpu_dry_run_parts.json").read_text())
     assert parts["ok"] is False
     assert parts["parts"]["device_tests"]["status"] == "failed" and parts["parts"]["device_tests"]["exit_code"] != 0
-    assert parts["parts"]["bench"]["status"] == "ok"
+    assert parts["parts"]["bench"]["status"] == "ok" and parts["parts"]["rehearsal"]["status"] == "ok"
     assert parts["bench"]["shapes"]["tiny"]["featurize"]["examples_per_s"] > 0
+    assert [(r["stage"], r["layers"]) for r in parts["rehearsal"]["rows"]] == [("evaluate", 1), ("evaluate", 2)]
 
 
 def test_validation_bench_runs(tiny_model_dir, tmp_path):
@@ -104,3 +128,34 @@ def test_floor_bench_counts_a_run(tiny_model_dir, tmp_path):
     assert res["tokens"]["rows"] == {"pool": 20, "validation triples": 8, "train": 2 * 2 + 2 * 3 * 2,
                                      "eval pairs": 4 * 3}
     assert res["gemm_gflops"]["float32"] > 0 and res["floor_seconds"]["float32"] > 0
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rehearsal_rates_and_skips():
+    """The rehearsal's arithmetic: TFLOP/s and MFU only where a timed step and a peak exist; a row
+    skipped above the cap or the free memory less 1.5 GiB, run where the free memory is unknown."""
+    reh, gib = _bench_module("rehearsal"), 2**30
+    assert reh.rates(4e14, 2.0, 989e12) == {"achieved_tflops": 200.0, "mfu": pytest.approx(200 / 989)}
+    assert reh.rates(4e14, None, 989e12) == {"achieved_tflops": None, "mfu": None}
+    assert reh.rates(4e14, 2.0, None) == {"achieved_tflops": 200.0, "mfu": None}
+    assert reh.skip_reason(31.8, 79.0 * gib, None) is None
+    assert "cap 12.0" in reh.skip_reason(13.0, 79.0 * gib, 12.0)
+    assert "78.0 GiB available" in reh.skip_reason(77.0, 78.0 * gib, None)
+    assert reh.skip_reason(500.0, None, None) is None  # an out-of-memory row is recorded as an error
+
+
+def test_rehearsal_on_cuda_without_a_device_says_so(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert _bench_module("rehearsal").main(["--device", "cuda", "--out", "/nonexistent/x.json"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

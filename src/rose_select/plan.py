@@ -191,7 +191,13 @@ def _projector(cfg: PlanConfig, model):
     from rose_select.features.projection import make_projector
 
     f = cfg.featurize
-    return make_projector(f.projection, 0 if f.projection == "none" else f.dim, f.seed, dict(G.param_numels(model)))
+    return make_projector(f.projection, 0 if f.projection == "none" else f.dim, f.seed, dict(G.param_numels(model)),
+                          device=_device(model))
+
+
+def _device(model):
+    """Where the step's own tensors go: the model's device (the CPU for fake tensors)."""
+    return next(model.parameters()).device
 
 
 def pool_step(cfg: PlanConfig, model, batch):
@@ -203,7 +209,7 @@ def pool_step(cfg: PlanConfig, model, batch):
 
     f = cfg.featurize
     moments = {n: (torch.zeros(p.shape), torch.ones(p.shape)) for n, p in lora_parameters(model).items()}
-    adam = G.AdamState(moments, f.adam_beta1, f.adam_beta2, f.adam_eps).to("cpu")
+    adam = G.AdamState(moments, f.adam_beta1, f.adam_beta2, f.adam_eps).to(_device(model))
     held = [t for m in adam.moments.values() for t in m]
     model.eval()
     return (lambda: G.per_example_features(model, batch, G.sft_loss_fn, _projector(cfg, model), adam=adam,
@@ -241,7 +247,7 @@ def train_step_fn(schedule: Schedule, cfg: PlanConfig, model, batch):
     amp = _amp(cfg, schedule.mixed_precision)
 
     def step():
-        with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
+        with torch.autocast(_device(model).type, dtype=amp) if amp else contextlib.nullcontext():
             loss = sft_loss_fn(model, batch).mean()
         loss.backward()
         opt.step()
@@ -275,23 +281,37 @@ STEPS = {
 }
 
 
+def stage_batch(stage: str, model, items: int, length: int, response: int | None = None) -> dict:
+    """A real batch of ``items`` items of ``length`` tokens for ``stage`` (``response`` of them
+    response tokens; see ``synthetic_batch``), on the CPU: built outside any fake mode."""
+    _, per_item = STEPS[stage]
+    return synthetic_batch(items * per_item, length, model.get_input_embeddings().weight.shape[0], response)
+
+
+def stage_step(cfg: PlanConfig, stage: str, model, batch: dict, mode=None):
+    """``(step, held)``: one step of ``stage`` on ``batch`` and the state tensors it holds. Called
+    inside a fake ``mode``, the batch becomes constant fake tensors; otherwise it goes to the
+    model's device, so the same step runs for real on a CPU or a GPU (bench/rehearsal.py)."""
+    from rose_select.plan_trace import constant
+
+    if mode is not None:
+        batch = {k: constant(mode, v) for k, v in batch.items()}
+    else:
+        batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    return STEPS[stage][0](cfg, model, batch)
+
+
 def stage_trace(cfg: PlanConfig, stage: str, model, items: int, length: int, mode=None,
                 response: int | None = None):
-    """Trace one step of ``stage`` on ``items`` items of ``length`` tokens (``response`` of them
-    response tokens; see ``synthetic_batch``); with a fake ``mode`` the batch becomes constant
-    fake tensors and the step runs in that mode."""
+    """Trace one step of ``stage`` (``stage_step``), in the fake ``mode`` if one is given."""
     import contextlib
 
-    from rose_select.plan_trace import constant, trace
+    from rose_select.plan_trace import trace
 
-    build, per_item = STEPS[stage]
-    vocab = model.get_input_embeddings().weight.shape[0]
-    batch = synthetic_batch(items * per_item, length, vocab, response)  # real: built outside the fake mode
+    batch = stage_batch(stage, model, items, length, response)
     with mode if mode is not None else contextlib.nullcontext():
-        if mode is not None:
-            batch = {k: constant(mode, v) for k, v in batch.items()}
-        step, extra = build(cfg, model, batch)
-        return trace(step, [*model.parameters(), *model.buffers(), *extra])
+        step, held = stage_step(cfg, stage, model, batch, mode)
+        return trace(step, [*model.parameters(), *model.buffers(), *held])
 
 
 # --------------------------------------------------------------------------- fits
