@@ -38,8 +38,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from rose_select.runtime import configure_cpu
+from rose_select.runtime import configure_cpu, quiet_libraries
 
+if __name__ == "__main__":
+    quiet_libraries()  # before transformers loads: the console keeps to the bench's own lines
 CPU = configure_cpu() if __name__ == "__main__" else None  # before torch loads
 
 import numpy as np  # noqa: E402
