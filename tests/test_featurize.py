@@ -143,3 +143,30 @@ def test_a_store_records_its_precision_and_the_fidelity_measured_for_it(tiny_mod
         assert got["fidelity"]["source"] == table["source"]
         assert got["fidelity"]["compute"] == ({"exact": True} if mode == "float32" else table["modes"].get(mode))
         assert got["fidelity"]["store"] == table["modes"].get("float16_store")
+
+
+def test_a_store_resumes_from_its_inputs_at_another_path_and_refuses_other_content(tiny_model_dir, ckpt, files,
+                                                                                  tmp_path, monkeypatch):
+    """Paths say where the inputs were read, not what they were: the same data file and checkpoint
+    copied elsewhere (a reinstalled package, a moved run) reuse the finished store; a data file of
+    other content at the first path is refused, naming its hash."""
+    import shutil
+
+    import rose_select.features.gradients as G
+
+    monkeypatch.setenv("ROSE_NO_PROGRESS", "1")
+    out = tmp_path / "store"
+    run_featurize(_cfg(tiny_model_dir, ckpt, files[0], out))
+    before = (out / "features.npy").read_bytes()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    data, checkpoint = shutil.copy(files[0], moved / "pool.jsonl"), shutil.copytree(ckpt, moved / "ckpt")
+    calls = []
+    orig = G.per_example_features
+    monkeypatch.setattr(G, "per_example_features", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    run_featurize(_cfg(tiny_model_dir, checkpoint, data, out))
+    assert calls == [] and (out / "features.npy").read_bytes() == before
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(files[0]).read().replace("Paris", "Lyon"))
+    with pytest.raises(StoreMismatchError, match="data_sha256"):
+        run_featurize(_cfg(tiny_model_dir, checkpoint, other, out))

@@ -123,11 +123,21 @@ def _list_diff(key: str, old, new) -> list[str]:
     return [f"{key}[{i}]: stored {old[i]!r}, requested {new[i]!r}"]
 
 
+# settings keys that say where an input was read, not what it was (its content is fingerprinted
+# beside it: data_sha256, adapter_sha256): a reinstalled package or a moved run directory reads the
+# same files from another path, and its stores must resume, not be refused
+LOCATION_KEYS = ("data", "checkpoint")
+
+
+def _identity(settings):
+    return {k: v for k, v in settings.items() if k not in LOCATION_KEYS} if isinstance(settings, dict) else settings
+
+
 def _mismatches(meta: dict, rows: dict, spec: dict) -> list[str]:
     out = [f"{k}: stored {_show(meta.get(k, _UNSET))}, requested {_show(spec[k])}"
            for k in ("n_rows", "dim", "dtype") if k in spec and meta.get(k) != spec[k]]
     if "settings" in spec:
-        out += _diff(meta.get("settings", _UNSET), spec["settings"], "settings")
+        out += _diff(_identity(meta.get("settings", _UNSET)), _identity(spec["settings"]), "settings")
     for k in ("ids", "groups"):
         if k in spec:
             out += _list_diff(f"rows.{k}", rows.get(k), spec[k])
