@@ -52,21 +52,11 @@ from rose_select.features.stage import run_featurize  # noqa: E402
 from rose_select.pipeline import RunConfig, _checkpoints, featurize_jobs, select_config  # noqa: E402
 from rose_select.select.scoring import load_store_features, score_stores  # noqa: E402
 from rose_select.select.stage import run_select  # noqa: E402
+from validation import _spearman as spearman, _top_overlap as top_overlap  # noqa: E402  (bench/validation.py)
 
 PRECISIONS = {"float32": {}, "bf16_weights": {"model_dtype": "bfloat16"},
               "bf16_autocast": {"featurize.autocast": "bfloat16"}}
 METHODS = ("rose", "rose_plus")
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def top_overlap(x: np.ndarray, y: np.ndarray, fraction: float) -> float:
-    """Share of the top ``fraction`` of ``x`` that is also in the top of ``y`` (the same count)."""
-    k = max(1, int(round(fraction * len(x))))
-    return len(set(np.argsort(-x)[:k].tolist()) & set(np.argsort(-y)[:k].tolist())) / k
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> dict:
