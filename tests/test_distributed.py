@@ -97,6 +97,23 @@ def test_env_ranks_and_threads():
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
 
 
+def test_a_torchrun_rank_ends_without_teardown_and_keeps_its_output(tmp_path):
+    """Under torchrun a rank exits with its code straight after its work (flushed output, no
+    interpreter teardown, where gloo's threads can abort a finished rank); alone it returns."""
+    assert D.end_rank(3) == 3  # no WORLD_SIZE here (pytest's own process)
+    script = ("import atexit, sys, logging\n"
+              "from rose_select.distributed import end_rank\n"
+              "atexit.register(lambda: print('teardown ran'))\n"
+              "logging.basicConfig(stream=sys.stderr); logging.getLogger('x').warning('logged')\n"
+              "print('work done', end='')\n"
+              "sys.exit(end_rank(int(sys.argv[1])))\n")
+    for world, teardown in (("2", False), ("1", True)):
+        proc = subprocess.run([sys.executable, "-c", script, "5"], capture_output=True, text=True,
+                              env={**os.environ, "WORLD_SIZE": world}, timeout=60)
+        assert proc.returncode == 5 and proc.stdout.startswith("work done") and "logged" in proc.stderr
+        assert ("teardown ran" in proc.stdout) is teardown, proc.stdout
+
+
 def test_two_processes_write_the_same_bytes_and_select_the_same(tiny_model_dir, ckpt, tmp_path, one_thread):
     from rose_select.select.stage import SelectConfig, run_select
 
