@@ -97,8 +97,8 @@ def end_rank(code: int) -> int:
     """Under torchrun, end this process now with ``code``, skipping the interpreter's teardown;
     alone, return ``code``. After ``leave_open_group`` every output is written and closed, but a
     gloo group's threads can still abort the process while it tears down ("terminate called
-    without an active exception", seen once in CI on rank 1 of a finished two-process featurize): that turns a finished rank
-    into a failed run. Nothing is left to do at teardown that matters: files are closed, flocks
+    without an active exception", seen once in CI on rank 1 of a finished two-process
+    featurize): that turns a finished rank into a failed run. Nothing is left to do at teardown that matters: files are closed, flocks
     go with the process, and stdout, stderr and the log handlers are flushed first."""
     if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
         return code

@@ -45,7 +45,7 @@ from rose_select.features import gradients as G, sink
 from rose_select.features.joint import REFS, joint_features, load_reference, pair_scale
 from rose_select.features.projection import make_projector
 from rose_select.features.sink import outputs
-from rose_select.features.store import LOCATION_KEYS
+from rose_select.features.store import settings_identity
 from rose_select.io import sha256_file, sha256_json
 from rose_select.losses import DpoSettings
 from rose_select.modeling import (
@@ -286,7 +286,7 @@ def settings_fingerprint(cfg: FeaturizeConfig, projector_fp: dict, adapter_sha: 
 def _settings_token(settings: dict) -> int:
     """63-bit hash of the settings, local paths left out (nodes may mount data elsewhere)."""
 
-    return int(sha256_json({k: v for k, v in settings.items() if k not in LOCATION_KEYS})[:15], 16)
+    return int(sha256_json(settings_identity(settings))[:15], 16)
 
 
 def _file_sha(path: str) -> str:

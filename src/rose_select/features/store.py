@@ -129,7 +129,8 @@ def _list_diff(key: str, old, new) -> list[str]:
 LOCATION_KEYS = ("data", "checkpoint")
 
 
-def _identity(settings):
+def settings_identity(settings):
+    """``settings`` without its ``LOCATION_KEYS``: what a store's inputs were, not where."""
     return {k: v for k, v in settings.items() if k not in LOCATION_KEYS} if isinstance(settings, dict) else settings
 
 
@@ -137,7 +138,7 @@ def _mismatches(meta: dict, rows: dict, spec: dict) -> list[str]:
     out = [f"{k}: stored {_show(meta.get(k, _UNSET))}, requested {_show(spec[k])}"
            for k in ("n_rows", "dim", "dtype") if k in spec and meta.get(k) != spec[k]]
     if "settings" in spec:
-        out += _diff(_identity(meta.get("settings", _UNSET)), _identity(spec["settings"]), "settings")
+        out += _diff(settings_identity(meta.get("settings", _UNSET)), settings_identity(spec["settings"]), "settings")
     for k in ("ids", "groups"):
         if k in spec:
             out += _list_diff(f"rows.{k}", rows.get(k), spec[k])
